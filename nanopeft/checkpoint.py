@@ -1,0 +1,322 @@
+"""Stream a DINOv3 checkpoint into a `DINOv3ViT`, tensor by tensor, optionally quantizing to NF4 on the way.
+
+    config.json ─► ViTConfig ─► DINOv3ViT on the meta device (no memory)
+    model.safetensors | shards + index.json | Meta .pth
+        ─► check every key and shape against the model (headers only; nothing loaded yet)
+        ─► for each tensor: read ─► cast ─► [quantize to NF4] ─► move to device ─► assign
+            (peak memory ≈ the final model + one tensor, never two copies of the model)
+
+Bad input fails before any weight is read, with the file and key at fault in the message.
+Key layouts and the Meta → hub mapping: dinov3.md §3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .config import PRESETS, ViTConfig, resolve_config
+from .model import DINOv3ViT
+
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "half": torch.float16}
+NF4_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"  # marks a Linear saved pre-quantized by bitsandbytes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the file and the key."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------- Meta's original .pth → hub names
+def meta_to_hub(key: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """One Meta key → zero or more hub (key, tensor) pairs (dinov3.md §3b). The fused qkv is split in
+    three along the output rows; the K bias (always masked to 0 by Meta) and training-only keys drop."""
+    if key == "rope_embed.periods":
+        return []  # RoPE periods are recomputed in fp32 (HF parity; Meta's are bf16-rounded)
+    if key.startswith("local_cls_norm.") or key.endswith(".bias_mask"):
+        return []  # training-only (local crops) and the K-bias mask buffer
+    simple = {"cls_token": "embeddings.cls_token", "storage_tokens": "embeddings.register_tokens",
+              "patch_embed.proj.weight": "embeddings.patch_embeddings.weight",
+              "patch_embed.proj.bias": "embeddings.patch_embeddings.bias",
+              "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    if key == "mask_token":
+        return [("embeddings.mask_token", t.reshape(1, 1, -1))]  # Meta (1, D) → hub (1, 1, D)
+    if key in simple:
+        return [(simple[key], t)]
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if m is None:
+        return [(key, t)]  # unknown: reported as unexpected by the key check
+    i, rest = m.groups()
+    if rest in ("attn.qkv.weight", "attn.qkv.bias"):
+        q, k, v = t.chunk(3, dim=0)  # rows are [q | k | v]
+        kind = rest.rsplit(".", 1)[1]
+        out = [(f"layer.{i}.attention.q_proj.{kind}", q), (f"layer.{i}.attention.v_proj.{kind}", v)]
+        if kind == "weight":
+            out.insert(1, (f"layer.{i}.attention.k_proj.weight", k))
+        return out
+    table = {"attn.proj": "attention.o_proj", "ls1.gamma": "layer_scale1.lambda1",
+             "ls2.gamma": "layer_scale2.lambda1", "norm1": "norm1", "norm2": "norm2",
+             "mlp.w1": "mlp.gate_proj", "mlp.w2": "mlp.up_proj", "mlp.w3": "mlp.down_proj",
+             "mlp.fc1": "mlp.up_proj", "mlp.fc2": "mlp.down_proj"}
+    for src, dst in table.items():
+        if rest == src or rest.startswith(src + "."):
+            return [(f"layer.{i}.{dst}{rest[len(src):]}", t)]
+    return [(key, t)]
+
+
+# ---------------------------------------------------------------- readers: (key, shape) first, data later
+class SafetensorsSource:
+    """One or many safetensors files; keys lose an optional leading `model.` (transformers 5 in memory)."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self.files, self.where, self.shapes = files, {}, {}
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"checkpoint shard {f} is missing")
+            try:
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():
+                        key = k.removeprefix("model.")
+                        if key in self.where:
+                            raise CheckpointError(f"{f}: key {k!r} also appears in {self.where[key][0]}")
+                        self.where[key] = (f, k)
+                        self.shapes[key] = tuple(h.get_slice(k).get_shape())
+            except CheckpointError:
+                raise
+            except Exception as e:  # SafetensorError: truncated, corrupt, not a safetensors file
+                raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from e
+
+    def file_of(self, key: str) -> str:
+        return str(self.where[key][0])
+
+    def stream(self):
+        from safetensors import safe_open
+
+        for f in self.files:  # one open file at a time: its mmap is released before the next
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    yield k.removeprefix("model."), h.get_tensor(k)
+
+
+class PthSource:
+    """Meta's original `.pth`: loaded lazily with mmap (no copy), keys mapped to hub names."""
+
+    def __init__(self, file: Path):
+        try:
+            sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{file} is not a readable torch checkpoint ({e})") from e
+        for wrapper in ("model", "teacher", "state_dict"):  # some Meta files nest the weights
+            if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+                sd = sd[wrapper]
+        self.file, self.sd = file, sd
+        self.shapes = {k: tuple(v.shape) for mk, mt in sd.items() for k, v in meta_to_hub(mk, mt)}
+
+    def file_of(self, key: str) -> str:
+        return str(self.file)
+
+    def stream(self):
+        for mk in list(self.sd):
+            yield from meta_to_hub(mk, self.sd.pop(mk))  # pop: drop our reference as we go
+
+
+# ---------------------------------------------------------------- resolving a path
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+
+
+def _guess_preset(name: str) -> str | None:
+    for preset in sorted(PRESETS, key=len, reverse=True):  # "vits16plus" before "vits16"
+        if preset != "tiny" and preset in name.replace("_", ""):
+            return preset
+    return None
+
+
+def open_checkpoint(path, config=None):
+    """Find the weights and the config for `path`. Returns (source, ViTConfig, raw config dict)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no DINOv3 checkpoint at {path}. Download one (the repos are gated: accept the licence on "
+            f"the hub first), e.g. `huggingface-cli download facebook/dinov3-vit7b16-pretrain-lvd1689m "
+            f"--local-dir {path}`; see weights/README.md")
+    folder = path if path.is_dir() else path.parent
+    raw = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no 'weight_map'")
+            source = SafetensorsSource([path / f for f in dict.fromkeys(weight_map.values())])
+            listed = {k.removeprefix("model.") for k in weight_map}
+            if listed != set(source.where):
+                diff = sorted(listed ^ set(source.where))[:5]
+                raise CheckpointError(f"{index} and its shards disagree on keys, e.g. {diff}")
+        elif (path / "model.safetensors").is_file():
+            source = SafetensorsSource([path / "model.safetensors"])
+        else:
+            pths = sorted(path.glob("*.pth"))
+            if len(pths) != 1:
+                raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json "
+                                        f"or single .pth file")
+            return open_checkpoint(pths[0], config)
+    elif path.suffix == ".safetensors":
+        source = SafetensorsSource([path])
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        source = PthSource(path)
+        if config is None and raw is None:
+            config = _guess_preset(path.name)
+            if config is None:
+                raise ValueError(f"{path}: a Meta .pth carries no config; pass config=<preset name> "
+                                 f"(one of {sorted(PRESETS)}) or a config.json-style dict")
+    else:
+        raise CheckpointError(f"{path}: expected a checkpoint folder, a .safetensors or a .pth file")
+    if config is not None:
+        cfg = resolve_config(config)
+        raw = cfg.to_dict() if not isinstance(config, dict) else config
+    elif raw is not None:
+        try:
+            cfg = ViTConfig.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / 'config.json'}: not a DINOv3 ViT config ({e})") from e
+        if raw.get("model_type", "dinov3_vit") != "dinov3_vit":
+            raise CheckpointError(f"{folder / 'config.json'}: model_type {raw['model_type']!r} is not dinov3_vit")
+    else:
+        raise FileNotFoundError(f"{folder / 'config.json'} is missing; pass config=<preset or dict>")
+    return source, cfg, raw
+
+
+# ---------------------------------------------------------------- the loader
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
+    prefix, _, name = key.rpartition(".")
+    mod = model.get_submodule(prefix)
+    if name in mod._parameters:
+        old = mod._parameters[name]
+        mod._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
+    else:
+        mod._buffers[name] = value
+
+
+def _block_linears(model: DINOv3ViT) -> dict[str, nn.Linear]:
+    """The Linears inside the transformer blocks: the ones QLoRA quantizes (7 per SwiGLU block)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layer.")}
+
+
+def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", progress=None) -> DINOv3ViT:
+    """Load a DINOv3 ViT from a hub folder (single file or shards), a .safetensors file or Meta's `.pth`.
+
+    dtype: of every weight (default: the checkpoint's). quantize="nf4": each Linear inside the blocks
+    becomes an `NF4Linear` as its tensor streams in (double quantization, blocks of 64); `dtype` is then
+    its compute dtype and the dtype of everything else (patch embedding, norms, LayerScale, tokens, biases).
+    A checkpoint saved pre-quantized by transformers + bitsandbytes loads as NF4 without re-quantizing.
+    The RoPE train-time augmentation follows config.json (`pos_embed_*`, null = off).
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    source, cfg, raw = open_checkpoint(path, config)
+    dtype, device = parse_dtype(dtype), torch.device(device)
+    qcfg = (raw or {}).get("quantization_config") or {}
+    prequant = sorted(k[: -len(NF4_SUFFIX)] for k in source.shapes if k.endswith(NF4_SUFFIX))
+    if qcfg and not prequant:
+        raise CheckpointError(f"{path}: config.json has a quantization_config but the weights hold no NF4 state")
+    if dtype is None:
+        dtype = parse_dtype(qcfg.get("bnb_4bit_compute_dtype") or cfg.dtype)
+    with torch.device("meta"):
+        model = DINOv3ViT(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # what a full-precision file holds
+    linears = _block_linears(model)
+
+    # 1. swap the Linears that become NF4 (still on meta)
+    quantized = set(prequant) if prequant else (set(linears) if quantize == "nf4" else set())
+    if quantized:
+        from .nf4 import NF4Linear  # the NF4 stage; the full-precision path never needs it
+    for name in quantized:
+        if name not in linears:
+            raise CheckpointError(f"{source.file_of(name + NF4_SUFFIX)}: NF4 weights for {name!r}, "
+                                  f"which is not a Linear of the model")
+        lin = linears[name]
+        model.set_submodule(name, NF4Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                                device="meta", compute_dtype=dtype or torch.float32))
+    # a pre-quantized Linear stores `weight` + `weight.<statistic>` keys; NF4Linear checks those itself
+    nf4_keys = {k for k in source.shapes if k.partition(".weight")[0] in quantized and ".weight" in k} \
+        if prequant else set()
+    for name in quantized if prequant else ():
+        del expected[name + ".weight"]
+
+    # 2. check keys and shapes from the headers before reading a single weight
+    got = {k: s for k, s in source.shapes.items() if k not in nf4_keys}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                              f"({len(missing)} in all) for a {cfg.num_hidden_layers}-layer D={cfg.hidden_size} model")
+    if unexpected:
+        k = unexpected[0]
+        raise CheckpointError(f"{source.file_of(k)}: unexpected key(s) {unexpected[:8]} ({len(unexpected)} in all)")
+    for k, s in got.items():
+        if s != expected[k]:
+            raise CheckpointError(f"{source.file_of(k)}: key {k!r} has shape {list(s)}, "
+                                  f"the model expects {list(expected[k])}")
+
+    # 3. stream: one tensor in memory at a time
+    pending_nf4: dict[str, dict[str, torch.Tensor]] = {}
+    bar = tqdm(total=len(source.shapes), desc=f"loading {Path(path).name}", unit="tensor",
+               disable=(not progress) if progress is not None else len(source.shapes) < 200)
+    for key, t in source.stream():
+        bar.update(1)
+        module_name, _, leaf = key.rpartition(".")
+        if key in nf4_keys:  # pre-quantized bnb state: small, kept until its module is complete
+            name = key.partition(".weight")[0]
+            pending_nf4.setdefault(name, {})[key[len(name) + 1:]] = t.clone()
+            continue
+        if module_name in quantized and leaf == "weight":
+            layer = model.get_submodule(module_name)
+            q = NF4Linear.from_weight(t.to(device=device, dtype=dtype or t.dtype), None, blocksize=layer.blocksize,
+                                          double_quant=layer.double_quant,
+                                          compute_dtype=dtype or t.dtype, name=key)
+            q.bias = layer.bias  # the bias (meta until its own key arrives) stays in higher precision
+            model.set_submodule(module_name, q)
+            continue
+        target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        _set_tensor(model, key, t.to(device=device, dtype=target, copy=True))  # copy: no view into the mmap
+    bar.close()
+    for name, sd in pending_nf4.items():
+        layer = model.get_submodule(name)
+        if layer.bias is not None:
+            sd["bias"] = layer.bias.detach()
+        try:
+            layer.load_state_dict(sd, strict=True, assign=True)
+        except Exception as e:
+            raise CheckpointError(f"{source.file_of(name + NF4_SUFFIX)}: NF4 state of {name!r} "
+                                  f"does not load ({e})") from e
+        layer.to(device)
+        if dtype is not None:
+            layer.compute_dtype = dtype
+
+    # 4. the RoPE table is computed, not loaded; then make sure nothing stayed on meta
+    model.rope_embeddings.register_buffer("inv_freq", model.rope_embeddings.compute_inv_freq().to(device),
+                                          persistent=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: {left[:5]} were never loaded")
+    return model.eval()
