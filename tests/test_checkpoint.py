@@ -1,0 +1,197 @@
+"""nanopeft/checkpoint.py: load what transformers writes (and Meta's .pth), refuse what does not fit."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanopeft import load_dinov3
+from nanopeft.checkpoint import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+X = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))  # non-square: 4 × 6 patches
+
+
+def reference(folder, dtype=torch.float32):
+    hf = transformers.DINOv3ViTModel.from_pretrained(folder, dtype=dtype).eval()
+    with torch.no_grad():
+        return hf(pixel_values=X.to(dtype)).last_hidden_state
+
+
+def run(model):
+    with torch.no_grad():
+        return model(X)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_parity_with_transformers(tiny_ckpt, gated, sharded):
+    folder, _ = tiny_ckpt(gated=gated, sharded=sharded)
+    if sharded:
+        assert (folder / "model.safetensors.index.json").is_file()
+    model = load_dinov3(folder)
+    assert not model.training
+    assert (run(model) - reference(folder)).abs().max() <= 1e-5
+
+
+def test_bf16_on_disk(tiny_ckpt):
+    folder, _ = tiny_ckpt(dtype=torch.bfloat16, sharded=True)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    model = load_dinov3(folder)  # default: the checkpoint's dtype
+    assert model.norm.weight.dtype == torch.bfloat16
+    fp32 = load_dinov3(folder, dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
+    assert (run(fp32) - reference(folder, torch.float32)).abs().max() <= 1e-5
+
+
+def test_torch_dtype_key_and_model_prefix(tiny_ckpt, tmp_path):
+    folder, _ = tiny_ckpt()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["torch_dtype"] = cfg.pop("dtype")  # transformers 4.x wrote torch_dtype
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(folder / "model.safetensors")
+    save_file({"model." + k: v for k, v in sd.items()}, tmp_path / "model.safetensors")
+    assert (run(load_dinov3(tmp_path)) - reference(folder)).abs().max() <= 1e-5
+
+
+def test_config_pos_embed_switch(tiny_ckpt, tmp_path):
+    folder, _ = tiny_ckpt()
+    assert load_dinov3(folder).config.pos_embed_rescale == 2.0  # the hub default
+    shutil.copy(folder / "model.safetensors", tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["pos_embed_rescale"] = None
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = load_dinov3(tmp_path).train()
+    assert model.rope_embeddings.rescale is None
+    assert torch.equal(run(model), run(model.eval()))
+
+
+def to_meta_layout(sd: dict, gated: bool) -> dict:
+    """The inverse of dinov3.md §3b: a hub state dict in Meta's original key layout."""
+    out = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
+           "mask_token": sd["embeddings.mask_token"][0],  # Meta stores (1, D)
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"],
+           "rope_embed.periods": torch.ones(4).bfloat16(),
+           "local_cls_norm.weight": torch.ones(64), "local_cls_norm.bias": torch.zeros(64)}
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layer."))
+    for i in range(n_layers):
+        L, B = f"layer.{i}.", f"blocks.{i}."
+        out[B + "attn.qkv.weight"] = torch.cat([sd[L + f"attention.{p}_proj.weight"] for p in "qkv"])
+        if L + "attention.q_proj.bias" in sd:
+            zeros = torch.zeros_like(sd[L + "attention.q_proj.bias"])
+            out[B + "attn.qkv.bias"] = torch.cat([sd[L + "attention.q_proj.bias"], zeros,
+                                                  sd[L + "attention.v_proj.bias"]])
+            out[B + "attn.qkv.bias_mask"] = torch.cat([torch.ones_like(zeros), zeros, torch.ones_like(zeros)])
+        for name in ("weight", "bias"):
+            out[B + f"attn.proj.{name}"] = sd[L + f"attention.o_proj.{name}"]
+            out[B + f"norm1.{name}"] = sd[L + f"norm1.{name}"]
+            out[B + f"norm2.{name}"] = sd[L + f"norm2.{name}"]
+            mlp = {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"} if gated else \
+                {"fc1": "up_proj", "fc2": "down_proj"}
+            for m, h in mlp.items():
+                out[B + f"mlp.{m}.{name}"] = sd[L + f"mlp.{h}.{name}"]
+        out[B + "ls1.gamma"] = sd[L + "layer_scale1.lambda1"]
+        out[B + "ls2.gamma"] = sd[L + "layer_scale2.lambda1"]
+    return out
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_meta_pth(tiny_ckpt, tmp_path, gated):
+    folder, hf = tiny_ckpt(gated=gated)
+    sd = load_file(folder / "model.safetensors")
+    torch.save(to_meta_layout(sd, gated), tmp_path / "dinov3_tiny.pth")
+    cfg = json.loads((folder / "config.json").read_text())
+    model = load_dinov3(tmp_path / "dinov3_tiny.pth", config=cfg)  # config as a config.json dict
+    assert (run(model) - reference(folder)).abs().max() <= 1e-5
+
+
+def test_meta_pth_needs_a_config(tiny_ckpt, tmp_path):
+    folder, _ = tiny_ckpt()
+    torch.save(to_meta_layout(load_file(folder / "model.safetensors"), True), tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match="preset"):
+        load_dinov3(tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match="missing key.*40-layer D=4096"):  # 7B preset vs tiny weights
+        load_dinov3(tmp_path / "weights.pth", config="vit7b16")
+    with pytest.raises(ValueError, match="unknown DINOv3 preset"):
+        load_dinov3(tmp_path / "weights.pth", config="vit9b")
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst
+
+
+def test_missing_unexpected_and_misshapen_keys(tiny_ckpt, tmp_path):
+    folder, _ = tiny_ckpt()
+    sd = load_file(folder / "model.safetensors")
+    for name, edit, match in [
+        ("missing", lambda d: d.pop("layer.1.mlp.up_proj.weight"), "missing key.*layer.1.mlp.up_proj.weight"),
+        ("unexpected", lambda d: d.__setitem__("layer.0.extra", torch.zeros(3)), "unexpected key.*layer.0.extra"),
+        ("shape", lambda d: d.__setitem__("norm.bias", torch.zeros(65)), "norm.bias.*shape"),
+    ]:
+        out = copy_ckpt(folder, tmp_path / name)
+        bad = dict(sd)
+        edit(bad)
+        save_file(bad, out / "model.safetensors")
+        with pytest.raises(CheckpointError, match=match) as err:
+            load_dinov3(out)
+        assert str(out) in str(err.value)
+
+
+def test_truncated_and_corrupt_files(tiny_ckpt, tmp_path):
+    folder, _ = tiny_ckpt()
+    out = copy_ckpt(folder, tmp_path / "trunc")
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*not a readable safetensors"):
+        load_dinov3(out)
+    (out / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_dinov3(out)
+
+
+def test_missing_shard_and_bad_index(tiny_ckpt, tmp_path):
+    folder, _ = tiny_ckpt(sharded=True)
+    out = copy_ckpt(folder, tmp_path / "shards")
+    shard = sorted(out.glob("model-*.safetensors"))[3]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        load_dinov3(out)
+    (out / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="index.json"):
+        load_dinov3(out)
+
+
+def test_missing_paths_and_configs(tiny_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+        load_dinov3(tmp_path / "nowhere")
+    folder, _ = tiny_ckpt()
+    out = copy_ckpt(folder, tmp_path / "noconfig")
+    (out / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_dinov3(out)
+    cfg = json.loads((folder / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "model_type": "vit"}))
+    with pytest.raises(CheckpointError, match="model_type"):
+        load_dinov3(out)
+    (out / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 3}))
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_dinov3(out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_dinov3(empty)
+    with pytest.raises(ValueError, match="quantize"):
+        load_dinov3(folder, quantize="int8")
+
+
+def test_load_to_dtype_and_device_and_no_mmap_views(tiny_ckpt):
+    folder, _ = tiny_ckpt()
+    model = load_dinov3(folder, dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.rope_embeddings.inv_freq.dtype == torch.float32  # RoPE table stays fp32
+    assert all(p.requires_grad for p in model.parameters())
