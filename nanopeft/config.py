@@ -7,7 +7,9 @@ are ignored. Values: `../shared/reference/dinov3.md` §2, cross-checked against 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 
@@ -112,3 +114,131 @@ def resolve_config(config) -> ViTConfig:
     if isinstance(config, dict):
         return ViTConfig.from_dict(config)
     raise TypeError(f"config must be a ViTConfig, a preset name or a dict, not {type(config).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training config: the defaults are the paper's recipe (paper.md §2–§4), read from the authors'
+# notebooks, with their two bugs fixed (one normalisation for train and test; warmup really applied).
+# train.py's command line is generated from these fields, so flags and config cannot drift apart.
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = "lora"              # lora (QLoRA with the NF4 base) | dora | frozen | resnet18 | vit-small
+    targets: str = "all-linear"       # q_proj | all-linear | comma list of module-name suffixes
+    rank: int = 64                    # the paper's best row: all-linear r64
+    alpha: float | None = None        # None: 2·rank, as in every run of the paper
+    dropout: float | None = None      # None: 0.1 at rank <= 8, 0.05 above (the notebooks' rule)
+    use_rslora: bool = False          # scale α/√r instead of α/r
+    quant: str = "nf4"                # nf4 | none: the frozen DINOv3 base (QLoRA/QDoRA as in the paper)
+    pool: str = "cls"                 # cls (the paper: pooler_output) | mean | cls+mean
+    head_dropout: float = 0.5         # first head dropout; the second is half of it
+    # data
+    weights: str = "weights/dinov3-vit7b16"  # any load_dinov3 path
+    data: str = "data"                # image-folder tree (one sub-folder per class) or CSV manifest
+    val_fraction: float = 0.2         # stratified split of the training pool: 2,700 -> 2,160 / 540
+    split_seed: int = 42
+    image_size: int = 224
+    multiplier: int = 3               # each epoch: every image once clean + (multiplier-1) augmented
+    augment: str = "medium"           # none | light | medium | heavy
+    skip_bad: bool = False            # skip unreadable images instead of stopping before training
+    workers: int = 4                  # DataLoader worker processes
+    # optimisation
+    epochs: int = 80
+    batch_size: int = 4               # micro-batch (global across processes under torchrun)
+    grad_accum: int = 8               # effective batch 32
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1         # cosine decays to 0.1 × lr
+    warmup_ratio: float = 0.03        # of all optimizer steps; linear from 0 (the notebooks never applied it)
+    weight_decay: float = 0.01        # AdamW, one group: adapters, DoRA magnitudes, head (as the paper)
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0            # 0 = off (the paper did not clip)
+    patience: int = 5                 # early stopping on validation accuracy
+    min_delta: float = 1e-4
+    grad_checkpointing: bool = True   # recompute each block in backward
+    precision: str = "auto"           # auto: bf16 autocast on GPUs with bf16, else fp16 + GradScaler; fp32 on CPU
+    rope_rescale: str = "config"      # train-time RoPE coordinate augmentation: config (config.json: 2.0 on the hub) | none | a float
+    rope_shift: str = "config"
+    rope_jitter: str = "config"
+    eval_batch_size: int = 16
+    max_steps: int = 0                # stop after this many optimizer steps (0 = no limit); resumable
+    # run
+    seed: int = 42
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    out: str = ""                     # run folder; "" = runs/<preset-or-method>-<time>
+    preset: str = ""                  # one of the paper's rows (PAPER_RUNS); flags given explicitly win
+    num_classes: int = 0              # 0 = from the data (--dry-run without data: 9)
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the derived defaults (alpha, dropout) and check the choices."""
+        c = dataclasses.replace(self)
+        checks = {"method": ("lora", "dora", "frozen", "resnet18", "vit-small"), "quant": ("nf4", "none"),
+                  "pool": ("cls", "mean", "cls+mean"), "augment": ("none", "light", "medium", "heavy"),
+                  "precision": ("auto", "bf16", "fp16", "fp32")}
+        for name, choices in checks.items():
+            if getattr(c, name) not in choices:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(c, name)!r}")
+        for name in ("rank", "epochs", "batch_size", "grad_accum", "multiplier", "image_size", "eval_batch_size"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+        if not 0.0 < c.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
+        c.alpha = 2.0 * c.rank if c.alpha is None else c.alpha
+        c.dropout = (0.1 if c.rank <= 8 else 0.05) if c.dropout is None else c.dropout
+        return c
+
+
+# The paper's 11 rows (paper.md §5). Scratch baselines: AdamW 1e-3, wd 1e-4, batch 32, patience 15.
+_SCRATCH = dict(lr=1e-3, weight_decay=1e-4, batch_size=32, grad_accum=1, patience=15, epochs=150,
+                grad_checkpointing=False)
+PAPER_RUNS: dict[str, dict] = {
+    "resnet18-scratch": dict(method="resnet18", **_SCRATCH),
+    "vit-small-scratch": dict(method="vit-small", **_SCRATCH),
+    "dinov3-frozen": dict(method="frozen"),
+    **{f"qlora-{t}-r{r}": dict(method="lora", targets=t, rank=r)
+       for t, r in [("q_proj", 8), ("q_proj", 16), ("all-linear", 16), ("all-linear", 64)]},
+    **{f"dora-{t}-r{r}": dict(method="dora", targets=t, rank=r)
+       for t, r in [("q_proj", 8), ("q_proj", 16), ("all-linear", 16), ("all-linear", 64)]},
+}
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each field in the source: the CLI's help text, written once."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def add_config_args(parser, cls=TrainConfig):
+    """One `--flag` per dataclass field; help = the field's comment and default."""
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{comments.get(f.name, '')} (default: {f.default})")
+            continue
+        conv = {"int": int, "float": float, "str": str}.get(kind.split(" ")[0], str)
+        if kind.startswith("float | None"):
+            conv = float
+        parser.add_argument(flag, type=conv, default=None, metavar=kind.split(" ")[0].upper(),
+                            help=f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%"))
+    return parser
+
+
+def config_from_args(args, cls=TrainConfig) -> TrainConfig:
+    """Defaults < --preset < explicitly given flags."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    base = {}
+    if given.get("preset"):
+        if given["preset"] not in PAPER_RUNS:
+            raise ValueError(f"--preset must be one of {sorted(PAPER_RUNS)}, got {given['preset']!r}")
+        base = PAPER_RUNS[given["preset"]]
+    return cls(**{**base, **given})
