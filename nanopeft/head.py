@@ -1,0 +1,76 @@
+"""The classification head of the paper, and the backbone + head module that is trained.
+
+    pixels ─► backbone.features(x, pool) ─► (B, D) ─► .float() ─► classifier ─► (B, C) logits
+                (DINOv3ViT, frozen NF4 + adapters)               (fp32, trained)
+
+    classifier = Linear(D, 1024) ─ ReLU ─ Dropout(p) ─ Linear(1024, 512) ─ ReLU ─ Dropout(p/2) ─ Linear(512, C)
+
+The layout, init and the second dropout being half the first are the seed notebooks' (paper.md §3);
+with D = 4096, C = 9 it has 4,195,328 + 524,800 + 4,617 = 4,724,745 parameters: the "4.7M head".
+The Sequential indices (0, 3, 6 hold the Linears) equal the notebooks' `best_classifier.pth` keys,
+so their head loads with a plain `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+POOLS = ("cls", "mean", "cls+mean")
+
+
+def head_in_dim(hidden_size: int, pool: str = "cls") -> int:
+    """Width of the feature the head sees: D, or 2·D when CLS and mean-patch are concatenated."""
+    if pool not in POOLS:
+        raise ValueError(f"head.py: pool must be one of {POOLS}, got {pool!r}")
+    return 2 * hidden_size if pool == "cls+mean" else hidden_size
+
+
+def make_head(in_dim: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:
+    """The paper's 3-layer MLP head, fp32, kaiming-normal(fan_out, relu) weights and zero biases.
+
+    `dropout` is the first rate; the second is always half of it (notebook: 0.5 then 0.25; the class
+    default there was 0.3 but training passed 0.5).
+    """
+    if num_classes < 1:
+        raise ValueError(f"head.py: num_classes must be >= 1, got {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"head.py: dropout must be in [0, 1), got {dropout}")
+    head = nn.Sequential(
+        nn.Linear(in_dim, 1024),            # (B, D) -> (B, 1024)
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(1024, 512),               # (B, 1024) -> (B, 512)
+        nn.ReLU(),
+        nn.Dropout(dropout / 2),
+        nn.Linear(512, num_classes),        # (B, 512) -> (B, C)
+    )
+    for m in head:
+        if isinstance(m, nn.Linear):
+            # He init with fan_out (the notebooks' choice; fan_in would be the textbook one). The
+            # std is sqrt(2 / out_features), so the 9-way output layer starts with large logits
+            # (std ~0.47 per weight): label smoothing 0.1 keeps the first steps tame.
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return head.float()
+
+
+class Classifier(nn.Module):
+    """`backbone` (anything with `features(pixel_values, pool) -> (B, D)`) followed by `classifier`.
+
+    The attribute names are part of the file format: adapters are saved from `backbone.*` and the
+    head as `classifier.*` (PEFT-style `base_model.model.classifier.*` in save.py).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, pool: str = "cls"):
+        super().__init__()
+        head_in_dim(1, pool)                # validates `pool`
+        self.backbone = backbone
+        self.classifier = head
+        self.pool = pool
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.features(pixel_values, self.pool)   # (B, D) or (B, 2D), compute dtype
+        # The head's weights are fp32 (paper §3); cast the feature up to match them. Under autocast its
+        # matmuls still run in the autocast dtype, as they did in the notebooks (pooler_output.float()).
+        return self.classifier(feats.float())                     # (B, C)

@@ -1,0 +1,71 @@
+"""Reproduce the study's table in one command: train and evaluate the 11 presets, write a markdown table.
+
+    python scripts/paper_table.py --data data/train --test data/test [--out runs/paper] [--only qlora-q_proj-r8 ...]
+
+Each row is `train.py --preset NAME` then `eval.py --run RUN --data TEST`; finished rows are skipped
+when the script is run again (their run folder already has metrics.json), so it can be resumed.
+Extra arguments after `--` go to train.py (e.g. `-- --weights weights/dinov3-vit7b16 --workers 8`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval as evaluate  # noqa: E402  (the repo's eval.py)
+import train  # noqa: E402
+from nanopeft.config import PAPER_RUNS  # noqa: E402
+
+# the study's published test accuracies (paper.md §5) beside ours
+PUBLISHED = {"resnet18-scratch": 0.7287, "vit-small-scratch": 0.6191, "dinov3-frozen": 0.7656,
+             "qlora-q_proj-r8": 0.7717, "qlora-q_proj-r16": 0.7838, "qlora-all-linear-r16": 0.8040,
+             "qlora-all-linear-r64": 0.8316, "dora-q_proj-r8": 0.8153, "dora-q_proj-r16": 0.8103,
+             "dora-all-linear-r16": 0.8123, "dora-all-linear-r64": 0.8314}
+
+
+def row_markdown(name: str, run: Path) -> str:
+    cfg = json.loads((run / "config.json").read_text())
+    t, s = cfg["train"], json.loads((run / "summary.json").read_text())
+    m = json.loads((run / "metrics.json").read_text())
+    dino = t["method"] in ("lora", "dora")
+    return (f"| {name} | {t['method']} | {t['targets'] if dino else '-'} | {t['rank'] if dino else '-'} | "
+            f"{cfg['parameters']['trainable']:,} | {s['train_time_s'] / 60:.1f} | {m['accuracy']:.4f} | "
+            f"{PUBLISHED.get(name, float('nan')):.4f} | {m['weighted_f1']:.4f} | {m['macro_f1']:.4f} | "
+            f"{s['peak_memory_mb'] / 1024:.1f} |")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="training pool (image folder or CSV)")
+    p.add_argument("--test", required=True, help="test set (image folder or CSV)")
+    p.add_argument("--out", default="runs/paper", help="folder for the 11 runs and table.md")
+    p.add_argument("--only", nargs="+", choices=sorted(PAPER_RUNS), help="a subset of the rows")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    rows = []
+    for name in args.only or PAPER_RUNS:
+        run = out / name
+        if not (run / "metrics.json").is_file():
+            if not (run / "summary.json").is_file():
+                resume = ["--resume", str(run)] if (run / "resume.pt").is_file() else ["--out", str(run)]
+                train.main(["--preset", name, "--data", args.data, *resume, *extra])
+            evaluate.main(["--run", str(run), "--data", args.test])
+        rows.append(row_markdown(name, run))
+    table = "\n".join([
+        "| preset | method | targets | rank | trainable params | train min | test acc | published acc | "
+        "weighted F1 | macro F1 | peak GB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
