@@ -343,7 +343,7 @@ def main(argv=None) -> dict:
         if improved:
             state.update(best_val=val_acc, best_epoch=epoch + 1, bad_epochs=0)
             if master:
-                save_run_weights(raw, cfg, out / "adapter", class_names)
+                save_run_weights(raw, cfg, out / "adapter")
         else:
             state["bad_epochs"] += 1
         record(epoch=epoch + 1, val_accuracy=val_acc, peak_memory_mb=peak_memory_mb(device),

@@ -13,7 +13,7 @@ Key layouts and the Meta → hub mapping: dinov3.md §3.
 from __future__ import annotations
 
 import json
-import os
+import math
 import re
 from pathlib import Path
 
@@ -80,39 +80,83 @@ def meta_to_hub(key: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------- readers: (key, shape) first, data later
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+def read_safetensors_header(f: Path) -> tuple[dict, int]:
+    """A safetensors file is: 8 bytes (little-endian u64) header length, a JSON header
+    {key: {dtype, shape, data_offsets: [begin, end]}}, then the raw bytes. Returns (header, data start)."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or n > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{f} is not a readable safetensors file (bad header length)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file (header: {e})") from e
+    header.pop("__metadata__", None)
+    end = 0
+    for key, info in header.items():
+        if info.get("dtype") not in ST_DTYPES:
+            raise CheckpointError(f"{f}: key {key!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, stop = info["data_offsets"]
+        numel = math.prod(info["shape"])
+        if stop - begin != numel * ST_DTYPES[info["dtype"]].itemsize:
+            raise CheckpointError(f"{f}: key {key!r} has {stop - begin} bytes for shape {info['shape']}")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{f} is truncated: the header needs {8 + n + end:,} bytes, the file has {size:,}")
+    return header, 8 + n
+
+
 class SafetensorsSource:
-    """One or many safetensors files; keys lose an optional leading `model.` (transformers 5 in memory)."""
+    """One or many safetensors files; keys lose an optional leading `model.` (transformers 5 in memory).
+
+    Tensors are read with plain file reads into fresh memory, one at a time, rather than through an
+    mmap: pages of a mapped 5 GB shard count in the process's RSS until the whole shard is unmapped,
+    which would double the peak of an NF4 load (the page cache still keeps the file warm)."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self.files, self.where, self.shapes = files, {}, {}
+        self.headers = {}
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"checkpoint shard {f} is missing")
-            try:
-                with safe_open(str(f), "pt") as h:
-                    for k in h.keys():
-                        key = k.removeprefix("model.")
-                        if key in self.where:
-                            raise CheckpointError(f"{f}: key {k!r} also appears in {self.where[key][0]}")
-                        self.where[key] = (f, k)
-                        self.shapes[key] = tuple(h.get_slice(k).get_shape())
-            except CheckpointError:
-                raise
-            except Exception as e:  # SafetensorError: truncated, corrupt, not a safetensors file
-                raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from e
+            header, start = read_safetensors_header(f)
+            self.headers[f] = (header, start)
+            for k, info in header.items():
+                key = k.removeprefix("model.")
+                if key in self.where:
+                    raise CheckpointError(f"{f}: key {k!r} also appears in {self.where[key][0]}")
+                self.where[key] = (f, k)
+                self.shapes[key] = tuple(info["shape"])
 
     def file_of(self, key: str) -> str:
         return str(self.where[key][0])
 
     def stream(self):
-        from safetensors import safe_open
-
-        for f in self.files:  # one open file at a time: its mmap is released before the next
-            with safe_open(str(f), "pt") as h:
-                for k in h.keys():
-                    yield k.removeprefix("model."), h.get_tensor(k)
+        for f in self.files:
+            header, start = self.headers[f]
+            with open(f, "rb", buffering=0) as fh:
+                for k, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                    begin, stop = info["data_offsets"]
+                    dtype, shape = ST_DTYPES[info["dtype"]], info["shape"]
+                    if stop == begin:
+                        yield k.removeprefix("model."), torch.empty(shape, dtype=dtype)
+                        continue
+                    buf = bytearray(stop - begin)
+                    fh.seek(start + begin)
+                    view, got = memoryview(buf), 0
+                    while got < len(buf):  # readinto may return short reads
+                        r = fh.readinto(view[got:])
+                        if not r:
+                            raise CheckpointError(f"{f}: unexpected end of file in key {k!r}")
+                        got += r
+                    yield k.removeprefix("model."), torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 class PthSource:
@@ -133,8 +177,8 @@ class PthSource:
         return str(self.file)
 
     def stream(self):
-        for mk in list(self.sd):
-            yield from meta_to_hub(mk, self.sd.pop(mk))  # pop: drop our reference as we go
+        for mk in list(self.sd):  # pop: drop our reference as we go; clone: no view into the mmap
+            yield from ((k, t.clone()) for k, t in meta_to_hub(mk, self.sd.pop(mk)))
 
 
 # ---------------------------------------------------------------- resolving a path
@@ -298,7 +342,7 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
             model.set_submodule(module_name, q)
             continue
         target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        _set_tensor(model, key, t.to(device=device, dtype=target, copy=True))  # copy: no view into the mmap
+        _set_tensor(model, key, t.to(device=device, dtype=target))
     bar.close()
     for name, sd in pending_nf4.items():
         layer = model.get_submodule(name)

@@ -128,24 +128,23 @@ def count_params(model: nn.Module) -> dict[str, int]:
             "total": total}
 
 
-def save_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path, class_names: list[str]) -> None:
-    """Everything trained, in one PEFT-format folder: adapters + head (DINOv3 methods) or the whole
-    scratch network (saved under `base_model.model.<name>` like a modules_to_save entry)."""
+def save_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
+    """Everything trained, in one PEFT-format folder: adapters + head (DINOv3 methods), or the whole
+    scratch network as extra tensors `base_model.model.<name>`. Re-saving a run's best replaces it."""
     from .save import save_adapter
 
-    meta = {"nanopeft_method": cfg.method, "class_names": class_names, "pool": cfg.pool}
     if cfg.method in SCRATCH_METHODS:
-        state = {k: v for k, v in model.state_dict().items()}
-        save_adapter(None, directory, extra_state=state, extra_config=meta)
+        save_adapter(model, directory, extra_state=model.state_dict(), overwrite=True)
     else:
-        save_adapter(model.backbone, directory, head=model.classifier, extra_config=meta)
+        save_adapter(model.backbone, directory, head=model.classifier, base_model_name_or_path=cfg.weights,
+                     overwrite=True)
 
 
 def load_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
-    from .save import load_adapter, load_extra_state
+    from .save import load_adapter
 
     if cfg.method in SCRATCH_METHODS:
-        model.load_state_dict(load_extra_state(directory), strict=True)
+        model.load_state_dict(load_adapter(model, directory), strict=True)
     else:
         load_adapter(model.backbone, directory, trainable=False, head=model.classifier)
 

@@ -147,7 +147,10 @@ def test_truncated_and_corrupt_files(tiny_ckpt, tmp_path):
     out = copy_ckpt(folder, tmp_path / "trunc")
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors.*not a readable safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
+        load_dinov3(out)
+    (out / "model.safetensors").write_bytes(data[:100])  # cut inside the JSON header
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors"):
         load_dinov3(out)
     (out / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
