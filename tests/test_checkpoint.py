@@ -198,3 +198,74 @@ def test_load_to_dtype_and_device_and_no_mmap_views(tiny_ckpt):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.rope_embeddings.inv_freq.dtype == torch.float32  # RoPE table stays fp32
     assert all(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------ quantize on load (NF4)
+def test_quantize_on_load_equals_dequantized_reference(tiny_ckpt):
+    from nanopeft.nf4 import NF4Linear, quantize_nf4
+
+    folder, _ = tiny_ckpt(sharded=True)
+    q = load_dinov3(folder, quantize="nf4")
+    nf4 = {n for n, m in q.named_modules() if isinstance(m, NF4Linear)}
+    assert len(nf4) == 14 and all(n.startswith("layer.") for n in nf4)  # 7 per block, nothing outside
+    assert isinstance(q.embeddings.patch_embeddings, torch.nn.Conv2d)
+    assert all(not p.requires_grad for n, p in q.named_parameters() if n.rpartition(".")[0] in nf4)
+    ref = load_dinov3(folder)
+    with torch.no_grad():
+        for n in nf4:  # the reference: each Linear's weight replaced by its NF4 round trip
+            lin = ref.get_submodule(n)
+            lin.weight.copy_(quantize_nf4(lin.weight).dequantize())
+    assert torch.equal(run(q), run(ref))
+
+
+def test_quantize_on_load_dtype_is_compute_dtype(tiny_ckpt):
+    folder, _ = tiny_ckpt(dtype=torch.bfloat16)
+    q = load_dinov3(folder, quantize="nf4", dtype=torch.float32)
+    layer = q.layer[0].mlp.up_proj
+    assert layer.compute_dtype == torch.float32 and layer.bias.dtype == torch.float32
+    assert q.norm.weight.dtype == torch.float32
+    assert run(q).dtype == torch.float32
+
+
+def test_prequantized_transformers_bnb_checkpoint(tiny_ckpt, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    folder, _ = tiny_ckpt()
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.DINOv3ViTModel.from_pretrained(folder, quantization_config=cfg, device_map="cpu")
+    hf.train()  # bnb repacks its CPU weights in eval mode (peft_nf4.md §4.8): compare layer by layer
+    hf.save_pretrained(tmp_path)
+    assert "quantization_config" in json.loads((tmp_path / "config.json").read_text())
+    ours = load_dinov3(tmp_path)  # NF4 read as stored: no re-quantization
+    assert type(ours.layer[0].attention.q_proj).__name__ == "NF4Linear"
+    requant = load_dinov3(folder, quantize="nf4")
+    assert torch.equal(run(ours), run(requant))  # bnb's bytes == ours, so the same model
+    for name, module in hf.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            x = torch.randn(3, module.in_features)
+            with torch.no_grad():
+                torch.testing.assert_close(ours.get_submodule(name.removeprefix("model."))(x), module(x))
+
+
+def test_prequantized_with_missing_state_is_refused(tiny_ckpt, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    folder, _ = tiny_ckpt()
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.DINOv3ViTModel.from_pretrained(folder, quantization_config=cfg, device_map="cpu").train()
+    hf.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["layer.1.mlp.up_proj.weight.absmax"]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="layer.1.mlp.up_proj"):
+        load_dinov3(tmp_path)
+
+
+def test_nan_weight_is_named(tiny_ckpt, tmp_path):
+    folder, _ = tiny_ckpt()
+    out = copy_ckpt(folder, tmp_path / "nan")
+    sd = load_file(folder / "model.safetensors")
+    sd["layer.1.attention.k_proj.weight"][3, 5] = float("nan")
+    save_file(sd, out / "model.safetensors")
+    with pytest.raises(ValueError, match="layer.1.attention.k_proj.weight"):
+        load_dinov3(out, quantize="nf4")
