@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -138,7 +140,7 @@ class SafetensorsSource:
     def file_of(self, key: str) -> str:
         return str(self.where[key][0])
 
-    def stream(self):
+    def _read_all(self):
         for f in self.files:
             header, start = self.headers[f]
             with open(f, "rb", buffering=0) as fh:
@@ -157,6 +159,41 @@ class SafetensorsSource:
                             raise CheckpointError(f"{f}: unexpected end of file in key {k!r}")
                         got += r
                     yield k.removeprefix("model."), torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def stream(self):
+        """Tensors in file order. A reader thread stays one tensor ahead, so reading the next tensor
+        overlaps quantizing this one (file reads release the GIL); memory: one extra tensor."""
+        q: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def reader():
+            try:
+                for item in self._read_all():
+                    if not put(item):
+                        return  # the consumer gave up (an error downstream): stop reading
+                put(None)
+            except BaseException as e:  # surfaced in the consumer, with its message
+                put(e)
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
 class PthSource:
