@@ -92,7 +92,6 @@ def build_classifier(cfg: TrainConfig, num_classes: int, device: torch.device,
                      dtype: torch.dtype | None = None, meta: bool = False, adapters: bool = True) -> nn.Module:
     """The model a run trains. `dtype` is the backbone's weight / NF4 compute dtype (None: the file's).
     adapters=False leaves them out (eval.py loads them from the run folder instead)."""
-    from .inject import add_adapters
     from .scratch import build_scratch
 
     if cfg.method in SCRATCH_METHODS:
@@ -101,6 +100,8 @@ def build_classifier(cfg: TrainConfig, num_classes: int, device: torch.device,
         return model if meta else model.to(device)
     backbone = build_backbone(cfg, device, dtype, meta=meta)
     if cfg.method in ("lora", "dora") and adapters:
+        from .inject import add_adapters
+
         add_adapters(backbone, method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                      targets=parse_targets(cfg.targets), use_rslora=cfg.use_rslora)
     with torch.device("meta") if meta else contextlib.nullcontext():

@@ -1,0 +1,88 @@
+"""eval.py on runs that train.py wrote: metrics files, the validation accuracy reproduced, ensembles."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as evaluate  # noqa: E402
+import train  # noqa: E402
+from nanopeft.data import make_demo_dataset  # noqa: E402
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0", "--lr", "1e-3",
+        "--rank", "4", "--epochs", "2", "--patience", "5"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_ckpt):
+    root = tmp_path_factory.mktemp("eval")
+    data = make_demo_dataset(root / "train", num_classes=3, per_class=12, size=(40, 32), seed=0)
+    weights = tiny_ckpt(gated=True)[0]
+    out = {}
+    for method, extra in [("lora", ["--targets", "all-linear"]), ("dora", ["--targets", "q_proj"]),
+                          ("resnet18", [])]:
+        out[method] = root / method
+        train.main(["--out", str(out[method]), "--method", method, "--weights", str(weights), "--data", str(data),
+                    *FAST, *extra])
+    test = make_demo_dataset(root / "test", num_classes=3, per_class=6, size=(40, 32), seed=1)
+    return out, test
+
+
+def best_val(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(r["val_accuracy"] for r in rows if "val_accuracy" in r)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "resnet18"])
+@pytest.mark.parametrize("merge", ["no", "yes"])
+def test_eval_reproduces_validation_accuracy(runs, method, merge, tmp_path):
+    run = runs[0][method]
+    m = evaluate.main(["--run", str(run), "--split", "val", "--merge", merge, "--workers", "0",
+                       "--speed-reps", "0", "--out", str(tmp_path / "m.json")])
+    assert m["accuracy"] == pytest.approx(best_val(run), abs=1e-9)
+
+
+def test_metrics_json_and_predictions(runs, tmp_path):
+    (run_dirs, test) = runs
+    out = tmp_path / "metrics.json"
+    m = evaluate.main(["--run", str(run_dirs["lora"]), "--data", str(test), "--out", str(out), "--workers", "0",
+                       "--speed-reps", "3", "--batch-size", "4"])
+    saved = json.loads(out.read_text())
+    for key in ("accuracy", "weighted_f1", "macro_f1", "per_class", "confusion_matrix", "latency_ms",
+                "throughput_img_s"):
+        assert key in saved
+    cm = saved["confusion_matrix"]
+    assert sum(map(sum, cm)) == 18 and all(isinstance(v, int) for r in cm for v in r)
+    assert saved["accuracy"] == pytest.approx(sum(cm[i][i] for i in range(3)) / 18)
+    assert 0 <= saved["macro_f1"] <= 1 and saved["latency_ms"] > 0 and saved["throughput_img_s"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert len(rows) == 18 and {"path", "label", "prediction", "confidence"} <= set(rows[0])
+    assert sum(r["label"] == r["prediction"] for r in rows) / 18 == pytest.approx(m["accuracy"])
+
+
+def test_ensemble_and_sources(runs, tmp_path):
+    run_dirs, test = runs
+    manifest = tmp_path / "test.csv"
+    files = sorted(Path(test).rglob("*.*"))
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "source"])
+        for i, p in enumerate(files):
+            w.writerow([str(p), p.parent.name, "farm_a" if i % 2 else "farm_b"])
+    m = evaluate.main(["--ensemble", str(run_dirs["lora"]), str(run_dirs["dora"]), "--data", str(manifest),
+                       "--out", str(tmp_path / "ens.json"), "--workers", "0", "--speed-reps", "0"])
+    assert set(m["per_source"]) == {"farm_a", "farm_b"}
+    assert sum(s["n"] for s in m["per_source"].values()) == len(files)
+
+
+def test_eval_errors(runs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(tmp_path / "missing"), "--data", "x"])
+    assert "config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(runs[0]["lora"]), "--data", str(tmp_path / "none")])
+    assert str(tmp_path / "none") in capsys.readouterr().err

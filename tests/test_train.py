@@ -1,0 +1,192 @@
+"""train.py end to end on CPU: a tiny DINOv3 written by transformers and a generated image folder."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from nanopeft.config import TrainConfig  # noqa: E402
+from nanopeft.data import make_demo_dataset  # noqa: E402
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0", "--lr", "1e-3",
+        "--eval-batch-size", "32", "--rank", "4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "train", num_classes=3, per_class=12,
+                             size=(40, 32), seed=0)
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_ckpt):
+    return tiny_ckpt(gated=True)[0]
+
+
+def run_train(tmp_path, name, *args):
+    out = tmp_path / name
+    summary = train.main(["--out", str(out), *FAST, *map(str, args)])
+    return out, summary
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "step" in r], [r for r in rows if "val_accuracy" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,extra", [("lora", ["--targets", "all-linear"]), ("dora", ["--targets", "q_proj"]),
+                                          ("frozen", []), ("resnet18", ["--head-dropout", "0"]),
+                                          ("vit-small", ["--head-dropout", "0"])])
+def test_every_method_trains_and_loss_falls(tmp_path, data, weights, method, extra):
+    out, summary = run_train(tmp_path, method, "--method", method, "--weights", weights, "--data", data,
+                             "--epochs", "4", "--patience", "10", *extra)
+    steps, epochs = metrics(out)
+    assert {"step", "loss", "lr", "images_per_s"} <= set(steps[0])
+    assert {"epoch", "val_accuracy", "peak_memory_mb"} <= set(epochs[0]) and len(epochs) == 4
+    losses = [s["loss"] for s in steps]
+    k = max(2, len(losses) // 4)
+    assert sum(losses[-k:]) / k < sum(losses[:k]) / k  # the loss falls
+    files = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert files, "the adapter file holds the trained weights"
+    if method in ("lora", "dora"):
+        assert any("lora_A" in k for k in files) and any(k.startswith("base_model.model.classifier.") for k in files)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["class_names"] == ["class_0", "class_1", "class_2"] and cfg["train"]["method"] == method
+    assert (out / "train.log").read_text().count("val accuracy") == 4
+    assert summary["best_val_accuracy"] == max(e["val_accuracy"] for e in epochs)
+
+
+def test_lr_schedule_warmup_is_applied():
+    cfg = TrainConfig(lr=1e-4, warmup_ratio=0.03, min_lr_ratio=0.1)
+    total = 1000
+    lrs = [train.get_lr(s, total, cfg) for s in range(total)]
+    warm = math.ceil(0.03 * total)
+    assert lrs[0] == pytest.approx(1e-4 / warm)  # warmup starts near 0, not at the peak (the seed bug)
+    assert lrs[warm - 1] == pytest.approx(1e-4)
+    assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm]))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # cosine decays monotonically
+    assert lrs[-1] == pytest.approx(1e-5, rel=1e-3)  # ... to 0.1 × lr
+    mid = warm + (total - warm) // 2
+    assert lrs[mid] == pytest.approx(1e-5 + 0.5 * 9e-5, rel=1e-2)
+
+
+def test_logged_lr_follows_schedule(tmp_path, data, weights):
+    out, _ = run_train(tmp_path, "sched", "--method", "lora", "--weights", weights, "--data", data,
+                       "--epochs", "2", "--warmup-ratio", "0.25", "--quant", "none")
+    steps, _ = metrics(out)
+    cfg = TrainConfig(**json.loads((out / "config.json").read_text())["train"])
+    assert [s["lr"] for s in steps] == pytest.approx([train.get_lr(i, len(steps), cfg) for i in range(len(steps))])
+    assert steps[0]["lr"] < steps[2]["lr"]  # warmup really reaches the optimizer
+
+
+def test_resume_continues_identically(tmp_path, data, weights):
+    common = ["--method", "dora", "--targets", "q_proj,v_proj", "--weights", weights, "--data", data,
+              "--epochs", "2", "--dropout", "0.1"]
+    full, _ = run_train(tmp_path, "full", *common)
+    part, _ = run_train(tmp_path, "part", *common, "--max-steps", "5")  # stops mid-epoch 1
+    assert (part / "resume.pt").is_file()
+    train.main(["--resume", str(part), "--max-steps", "0"])
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(part / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert metrics(full)[1][-1]["val_accuracy"] == metrics(part)[1][-1]["val_accuracy"]
+
+
+def test_run_folder_is_never_overwritten(tmp_path, data, weights):
+    out, _ = run_train(tmp_path, "once", "--method", "frozen", "--weights", weights, "--data", data, "--epochs", "1")
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "once", "--method", "frozen", "--weights", weights, "--data", data, "--epochs", "1")
+
+
+def test_missing_backbone_and_data_are_short_messages(tmp_path, data, weights, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--weights", str(tmp_path / "nope"), "--data", str(data)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nope") in err and "huggingface-cli download" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        train.main(["--weights", str(weights), "--data", str(tmp_path / "nodata")])
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nodata") in err and "sub-folder per class" in err
+
+
+def test_bad_image_stops_before_training(tmp_path, data, weights, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    (bad / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "badrun", "--method", "frozen", "--weights", weights, "--data", bad, "--epochs", "1")
+    assert e.value.code != 0
+    assert "broken.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "badrun" / "metrics.jsonl").exists()  # nothing trained
+    out, _ = run_train(tmp_path, "skipped", "--method", "frozen", "--weights", weights, "--data", bad,
+                       "--epochs", "1", "--skip-bad")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_dry_run_prints_the_papers_counts(capsys):
+    train.main(["--dry-run", "--method", "lora", "--rank", "64", "--targets", "all-linear"])
+    out = capsys.readouterr().out
+    assert "178,257,920" in out and "4,724,745" in out and "estimated peak GPU memory" in out
+    train.main(["--dry-run", "--method", "dora", "--rank", "16", "--targets", "q_proj"])
+    assert "5,406,720" in capsys.readouterr().out
+    train.main(["--list-presets"])
+    listing = capsys.readouterr().out
+    for count in ("2,621,440", "44,564,480", "2,785,280", "46,039,040", "179,732,480", "184,457,225"):
+        assert count in listing
+    assert "resnet18-scratch" in listing and "dora-all-linear-r64" in listing
+
+
+def test_saved_adapter_loads_in_peft(tmp_path, data, tiny_ckpt):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    folder, _ = tiny_ckpt(gated=True)
+    out, _ = run_train(tmp_path, "peft", "--method", "dora", "--targets", "all-linear", "--weights", folder,
+                       "--data", data, "--epochs", "1", "--quant", "none")
+    from nanopeft.pipeline import build_classifier, load_run_weights
+
+    saved = json.loads((out / "config.json").read_text())
+    cfg = TrainConfig(**saved["train"])
+    ours = build_classifier(cfg, saved["num_classes"], torch.device("cpu"), adapters=False)
+    load_run_weights(ours, cfg, out / "adapter")
+    base = transformers.DINOv3ViTModel.from_pretrained(folder)
+    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = theirs(pixel_values=x).pooler_output
+        got = ours.eval().backbone.features(x)
+    assert (got - ref).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_equal_single_process(tmp_path, data, weights):
+    common = ["--method", "lora", "--targets", "q_proj", "--weights", str(weights), "--data", str(data),
+              "--epochs", "1", "--max-steps", "3", "--dropout", "0", "--head-dropout", "0", "--rope-rescale", "none",
+              "--quant", "none", *FAST, "--device", "cpu", "--lr", "1e-4"]
+    single = tmp_path / "single"
+    train.main(["--out", str(single), *common])
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train.py"), "--out", str(ddp), *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(single / "resume.pt", weights_only=False)["trainable"]
+    b = torch.load(ddp / "resume.pt", weights_only=False)["trainable"]
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
