@@ -174,6 +174,7 @@ def main(argv=None) -> dict:
         from nanopeft.demo import DEMO_NOTICE, prepare_demo
 
         paths = prepare_demo()
+        args.demo_test = str(paths["test"])
         print(DEMO_NOTICE)
         demo = dict(weights=str(paths["weights"]), data=str(paths["data"]), image_size=64, epochs=3,
                     batch_size=8, grad_accum=1, lr=1e-3, workers=2, rank=8, alpha=16.0)
@@ -368,7 +369,8 @@ def main(argv=None) -> dict:
         say("\n".join(["", "summary", "-" * 40] + [f"{k:<{width}}  {v:,.4f}" if isinstance(v, float) else
                                                     f"{k:<{width}}  {v:,}" if isinstance(v, int) else
                                                     f"{k:<{width}}  {v}" for k, v in summary.items()]))
-        say(f"evaluate: python eval.py --run {out} --data TEST_DIR")
+        test_dir = getattr(args, "demo_test", None) or "TEST_DIR"
+        say(f"evaluate: python eval.py --run {out} --data {test_dir}")
         log.close()
         metrics.close()
     if world > 1:

@@ -1,7 +1,19 @@
-"""nanopeft: QLoRA and DoRA fine-tuning of DINOv3 ViTs in plain PyTorch."""
+"""nanopeft: QLoRA and DoRA fine-tuning of DINOv3 ViTs in plain PyTorch.
 
-from .config import PRESETS, ViTConfig
+    checkpoint → model → nf4 → lora/dora → inject → train → eval → save
+"""
+
+from .config import PAPER_RUNS, PRESETS, TrainConfig, ViTConfig
 from .model import DINOv3ViT
-from .checkpoint import load_dinov3
+from .checkpoint import CheckpointError, load_dinov3
+from .nf4 import NF4Linear, NF4Weight, quantize_nf4
+from .lora import LoRALinear
+from .dora import DoRALinear
+from .inject import add_adapters, init_dora_magnitudes, merge_adapters
+from .save import load_adapter, save_adapter
+from .head import Classifier, make_head
 
 __version__ = "0.1.0"
+__all__ = ["PAPER_RUNS", "PRESETS", "TrainConfig", "ViTConfig", "DINOv3ViT", "CheckpointError", "load_dinov3",
+           "NF4Linear", "NF4Weight", "quantize_nf4", "LoRALinear", "DoRALinear", "add_adapters",
+           "init_dora_magnitudes", "merge_adapters", "load_adapter", "save_adapter", "Classifier", "make_head"]
