@@ -1,0 +1,180 @@
+"""NF4 dequantize / quantize throughput: nanopeft vs bitsandbytes' CPU kernels vs torchao's NF4Tensor.
+
+    python bench/nf4.py [--threads 2] [--rounds 3] [--reps 7] [--compile] [--shape 4096 8192]
+
+One process, one fp32 weight W ~ N(0, 0.02²) of --shape, NF4 with double quantization everywhere
+(blocks of 64, absmax in 8 bits per 256). Every row is timed in each of --rounds rounds (--reps calls
+after a warm-up call each time), so slow drift hits all rows alike; the table shows the median and
+min of all calls, the ratio to bitsandbytes' row of the same kind, and GB/s of output written. The
+torch memory-copy rows are the machine's limit for writing that many bytes, into a fresh tensor (what
+a dequantize that returns a new tensor must pay: page faults) or into a reused one. Before each row
+the script waits until other processes use < 0.2 cores; "others" is the most they used during one
+round of the row (CPU seconds of other processes / wall seconds: 0 = undisturbed, 2 = both cores busy).
+Outputs are checked bit for bit against bitsandbytes before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanopeft.nf4 import quantize_nf4  # noqa: E402
+
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU seconds all processes have spent busy (from /proc/stat)."""
+    v = list(map(int, open("/proc/stat").readline().split()[1:8]))
+    return (sum(v) - v[3] - v[4]) / _TCK  # everything but idle and iowait
+
+
+def own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def others_cores(fn, *args) -> tuple[object, float]:
+    """Run fn; return (its result, cores used by *other* processes meanwhile)."""
+    w0, b0, o0 = time.perf_counter(), busy_seconds(), own_seconds()
+    r = fn(*args)
+    wall = time.perf_counter() - w0
+    return r, max(0.0, busy_seconds() - b0 - (own_seconds() - o0)) / wall
+
+
+def wait_idle(limit=0.2, timeout=300.0) -> float:
+    """Wait (at most `timeout` s) until other processes use < `limit` cores over 1 s; return the wait."""
+    t0 = time.time()
+    while time.time() - t0 < timeout and others_cores(time.sleep, 1.0)[1] >= limit:
+        pass
+    if time.time() - t0 > 1.5:
+        print(f"  waited {time.time() - t0:.0f} s for other processes to go quiet", flush=True)
+    return time.time() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="times every row is visited")
+    ap.add_argument("--reps", type=int, default=7, help="timed dequantize calls per row and round")
+    ap.add_argument("--qreps", type=int, default=2, help="timed quantize calls per row and round")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile(nanopeft dequantize)")
+    ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--shape", type=int, nargs=2, default=[4096, 8192])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+
+    M, N = args.shape
+    n = M * N
+    torch.manual_seed(0)
+    W = torch.randn(M, N) * 0.02
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), bitsandbytes {bnb.__version__}", flush=True)
+    print(f"# command: python {' '.join(sys.argv)}", flush=True)
+
+    rows = {}  # name -> (kind, out bytes or None, fn); kind groups the rows a ratio compares
+
+    # --- the machine's limit: writing the output bytes
+    for dt in (torch.float32, torch.bfloat16):
+        src = W.to(dt)
+        dst = torch.empty_like(src).copy_(src)
+        name = str(dt)[6:]
+        rows[f"torch copy -> {name}, fresh tensor (src.clone())"] = (f"dq {name} fresh", src.nbytes, src.clone)
+        rows[f"torch copy -> {name}, reused tensor (dst.copy_)"] = (f"dq {name} reused", src.nbytes,
+                                                                    lambda d=dst, s=src: d.copy_(s))
+
+    # --- dequantize
+    q, st = BF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    w = quantize_nf4(W)
+    assert torch.equal(w.packed, q) and torch.equal(w.absmax, st.absmax)
+    for dt in (torch.float32, torch.bfloat16):
+        name = str(dt)[6:]
+        st.dtype = dt  # bitsandbytes' output dtype is the quant state's dtype
+        ref = BF.dequantize_4bit(q, st)
+        buf = torch.empty(M, N, dtype=dt)
+        assert torch.equal(w.dequantize(dt), ref) and torch.equal(w.dequantize(dt, out=buf), ref)
+        nb = ref.nbytes
+        del ref
+        rows[f"bitsandbytes dequantize_4bit -> {name} (C++ kernel)"] = (
+            f"dq {name} fresh", nb, lambda s=st.dtype: (setattr(st, "dtype", s), BF.dequantize_4bit(q, st)))
+        rows[f"nanopeft dequantize -> {name}"] = (f"dq {name} fresh", nb, lambda d=dt: w.dequantize(d))
+        rows[f"nanopeft dequantize -> {name}, out= reused buffer"] = (
+            f"dq {name} reused", nb, lambda d=dt, b=buf: w.dequantize(d, out=b))
+        if args.compile:
+            t0 = time.perf_counter()
+            f = torch.compile(lambda d=dt: w.dequantize(d))
+            assert torch.equal(f(), w.dequantize(dt))
+            print(f"# torch.compile of nanopeft dequantize -> {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+            rows[f"nanopeft dequantize -> {name}, torch.compile"] = (f"dq {name} fresh", nb, f)
+            g = torch.compile(lambda d=dt, b=buf: w.dequantize(d, out=b))
+            assert torch.equal(g(), w.dequantize(dt))
+            rows[f"nanopeft dequantize -> {name}, torch.compile, out= reused buffer"] = (f"dq {name} reused", nb, g)
+    if not args.no_torchao:
+        from torchao.quantization import to_nf4
+
+        for dt in (torch.float32, torch.bfloat16):
+            t = to_nf4(W.to(dt), 64, 256)
+            err = (t.get_original_weight().float() - W).abs().max().item()
+            print(f"# torchao NF4Tensor {str(dt)[6:]}: max |Ŵ - W| = {err:.2e} (not bit-exact with bnb)")
+            rows[f"torchao NF4Tensor.get_original_weight -> {str(dt)[6:]}"] = (
+                f"dq {str(dt)[6:]} fresh", n * dt.itemsize, t.get_original_weight)
+
+    # --- quantize
+    for dt in (torch.float32, torch.bfloat16):
+        Wd, name = W.to(dt), str(dt)[6:]
+        wq, (qq, sq) = quantize_nf4(Wd), bnb_quant(BF, Wd)
+        assert torch.equal(wq.packed, qq) and torch.equal(wq.absmax, sq.absmax) and torch.equal(wq.offset, sq.offset)
+        rows[f"bitsandbytes quantize_4bit ({name} in)"] = (f"q {name}", None, lambda x=Wd: bnb_quant(BF, x))
+        rows[f"nanopeft quantize_nf4 ({name} in)"] = (f"q {name}", None, lambda x=Wd: quantize_nf4(x))
+        if not args.no_torchao:
+            rows[f"torchao to_nf4 ({name} in)"] = (f"q {name}", None, lambda x=Wd: to_nf4(x, 64, 256))
+
+    times = {k: [] for k in rows}
+    others = {k: [] for k in rows}
+    for r in range(args.rounds):
+        print(f"# round {r + 1}/{args.rounds}", flush=True)
+        for k, (kind, _, fn) in rows.items():
+            reps = args.qreps if kind.startswith("q") else args.reps
+            wait_idle()
+            fn()  # warm-up
+            _, other = others_cores(lambda: [times[k].append(timed(fn)) for _ in range(reps)])
+            others[k].append(other)
+
+    print(f"\nW: {M}x{N} fp32 ({n / 1e6:.1f} M values), NF4 + double quant, {torch.get_num_threads()} threads; "
+          f"median of {args.rounds} rounds x reps after warm-up\n")
+    print("| operation | implementation | median ms | min ms | vs bitsandbytes | GB/s written | others (cores) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    base = {rows[k][0]: statistics.median(times[k]) for k in rows if k.startswith("bitsandbytes")}
+    for k, (kind, nbytes, _) in rows.items():
+        med, mn = statistics.median(times[k]), min(times[k])
+        ref = base.get(kind) or base.get(kind.replace("reused", "fresh"))
+        ratio = f"{med / ref:.2f}x" if ref else "-"
+        gbs = f"{nbytes / med / 1e9:.1f}" if nbytes else f"{n / med / 1e6:.0f} Mval/s"
+        print(f"| {kind} | {k} | {med * 1e3:.1f} | {mn * 1e3:.1f} | {ratio} | {gbs} | "
+              f"{max(others[k]):.2f} |")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bnb_quant(BF, x):
+    return BF.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+
+
+if __name__ == "__main__":
+    main()

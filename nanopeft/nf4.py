@@ -1,0 +1,311 @@
+"""NF4: frozen weights in 4.127 bits per value (QLoRA, Dettmers et al. 2023, arXiv:2305.14314, §3).
+
+    W (out, in) ─flatten─► blocks of 64 ─┬─► c_b = max|W_block|            fp32, one per block  (Eq. 1)
+                                         └─► q_i = nearest NF4 code to W_i / c_b      4 bits per value
+    c ─► c − mean(c) ─► blocks of 256 ─┬─► k_b = 8-bit dynamic code                   8 bits per block
+                                       └─► c2 = max|block|                            fp32 per 256 blocks
+    Ŵ_i = NF4[q_i] · (DYN[k_b] · c2_{b//256} + mean(c))                      doubleDequant (Eq. 5-6)
+
+NF4 ("4-bit NormalFloat", Eq. 4): the 16 codes are quantiles of N(0, 1) rescaled to [-1, 1] with an
+exact 0, so each code is about equally likely for normally distributed weights. Double quantization:
+an fp32 absmax per 64 values costs 32/64 = 0.5 bit per value; quantizing the absmaxes to 8 bits in
+blocks of 256 cuts that to 8/64 + 32/(64·256):
+
+    bits per value = 4 + 8/64 + 32/(64·256) = 4.127            (4 + 32/64 = 4.5 without)
+
+The storage is byte for byte what bitsandbytes' CPU `quantize_4bit(w, 64, quant_type="nf4",
+compress_statistics=True)` produces, and what transformers saves for a bnb 4-bit Linear:
+    weight                       uint8 [(n+1)//2, 1]   two codes per byte, value 2i in the HIGH nibble
+    weight.absmax                uint8 [ceil(n/64)]    k (fp32 c without double quantization)
+    weight.quant_map             fp32 [16]             NF4
+    weight.nested_absmax         fp32 [ceil(n/64/256)] c2
+    weight.nested_quant_map      fp32 [256]            DYN
+    weight.quant_state.bitsandbytes__nf4  uint8 UTF-8 JSON: quant_type, blocksize, dtype, shape, nested_*
+Rules that make it bit-exact: blocks run over the flattened tensor (a block may span two rows);
+W_i / c_b is a multiply by the fp32 reciprocal of c_b (a division in a ragged last block); a value
+exactly halfway between two codes takes the lower one; the 8-bit code of c is bitsandbytes' CPU rule
+(a 65 536-entry table, not an exact nearest search); Ŵ is an fp32 product rounded once to its dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+# The 16 NF4 codes (QLoRA Eq. 4, normalised by the largest), as the exact fp32 values bitsandbytes uses.
+NF4_CODES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
+NESTED_BLOCKSIZE = 256  # QLoRA §3: "blocksize of 256 for the second quantization"
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_TINY = 2.0 ** -115     # c_b below this: 4096/c_b overflows fp32, so those blocks take an exact slow path
+_CELL = 4096            # quantize looks codes up in cells of width 1/4096 (see _Tables)
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2016, 8-bit approximations), 256 sorted fp32:
+    exponent 10^(i-6), i = 0..6, carries 2^i fraction levels (midpoints of linspace(0.1, 1, 2^i + 1)),
+    with both signs; plus 0 and 1. Fine near 0, coarse near ±1."""
+    vals = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        levels = 10.0 ** (i - 6) * ((edges[:-1] + edges[1:]) / 2.0)  # fp32, as bitsandbytes computes it
+        vals += levels.tolist() + (-levels).tolist()
+    return torch.tensor(sorted(vals), dtype=torch.float32)
+
+
+class _Tables:
+    """Small lookup tables, built once per device."""
+
+    def __init__(self, device):
+        nf4 = torch.tensor(NF4_CODES, dtype=torch.float32)
+        self.nf4, self.dyn = nf4, dynamic_map()
+        self.mid = (nf4[:-1] + nf4[1:]) / 2  # decision thresholds: q = #{mid < x}, so a tie goes down
+        # dequantize: byte → (NF4[hi], NF4[lo]) as one 8-byte item, so one gather yields two values
+        b = torch.arange(256)
+        self.lut2 = torch.stack([nf4[b >> 4], nf4[b & 15]], 1).contiguous().view(torch.int64).view(256)
+        # quantize: cell j = trunc(4096·x) holds at most one threshold t, so q = base[j] + (4096·x > t).
+        # Exact, unlike binning x directly: 4096·x = x·(4096/c) is a power-of-two rescale of bnb's x·(1/c).
+        j = torch.arange(-_CELL, _CELL + 1, dtype=torch.float64)[:, None]      # (8193, 1)
+        t = (self.mid * _CELL).double()[None, :]                                # (1, 15), exact
+        pos = j > 0                              # cell j holds [j, j+1) if j > 0, (j-1, j] if j < 0, (-1, 1) if 0
+        lo, hi = torch.where(pos, j, j - 1), torch.where(pos, j + 1, torch.where(j < 0, j, 1.0))
+        below = torch.where(pos, t < lo, t <= lo)                               # counted for every x in the cell
+        inside = torch.where(pos, (lo <= t) & (t < hi), (lo < t) & (t < hi))   # counted iff 4096·x > t
+        assert int(inside.sum(1).max()) <= 1
+        thr = torch.where(inside, t, math.inf).amin(1).float()                  # +inf: no threshold here
+        cells = torch.stack([below.sum(1).int(), thr.view(torch.int32)], 1)    # (8193, 2)
+        self.cells = cells.contiguous().view(torch.int64).view(-1)  # one gather → (base, threshold)
+        # bnb's CPU 8-bit quantizer: code = LUT[round((v + 1)/2 · 65535)], LUT[i] = #{mid < -1 + 2i/65535}
+        grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+        self.dyn_lut = torch.searchsorted(0.5 * (self.dyn[:-1] + self.dyn[1:]), grid).to(torch.uint8)
+        for k, v in vars(self).items():
+            setattr(self, k, v.to(device))
+
+
+_TABLES: dict[torch.device, _Tables] = {}
+
+
+def _tables(device: torch.device) -> _Tables:
+    return _TABLES[device] if device in _TABLES else _TABLES.setdefault(device, _Tables(device))
+
+
+def _chunk(device: torch.device) -> int:
+    """Values per step of the blockwise loops. CPU: a step's temporaries stay in cache, yet a step is
+    big enough to amortise the threads' fork/join (2^15 is 3-10x slower on 2 threads). Else: few launches."""
+    return 1 << 17 if device.type == "cpu" else 1 << 24
+
+
+@dataclass
+class NF4Weight:
+    """One NF4-quantized tensor. Names follow bitsandbytes' state dict (see the module docstring)."""
+
+    packed: torch.Tensor            # uint8 [(n+1)//2, 1]
+    absmax: torch.Tensor            # uint8 [nblocks] codes of c − offset (double quant) or fp32 c
+    quant_map: torch.Tensor         # fp32 [16] NF4
+    shape: torch.Size               # original shape
+    dtype: torch.dtype              # original dtype: the default dequantize dtype
+    blocksize: int = 64
+    offset: torch.Tensor | None = None            # fp32 0-d mean(c)            (double quant only)
+    nested_absmax: torch.Tensor | None = None     # fp32 [ceil(nblocks/256)] c2 (double quant only)
+    nested_quant_map: torch.Tensor | None = None  # fp32 [256] DYN              (double quant only)
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    TENSORS = ("packed", "absmax", "quant_map", "offset", "nested_absmax", "nested_quant_map")
+
+    double_quant = property(lambda self: self.nested_absmax is not None)
+    numel = property(lambda self: math.prod(self.shape))
+    nbytes = property(lambda self: sum(t.numel() * t.element_size() for t in self.tensors().values()))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.TENSORS if getattr(self, k) is not None}
+
+    def to(self, device, copy: bool = False) -> NF4Weight:
+        return replace(self, **{k: t.to(device, copy=copy) for k, t in self.tensors().items()})
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """c, fp32 [nblocks]: stored, or rebuilt as DYN[k] · c2 + offset (the inner dequant of Eq. 6)."""
+        if not self.double_quant:
+            return self.absmax
+        nb, bs2 = self.absmax.numel(), self.nested_blocksize
+        c = self.nested_quant_map[self.absmax.long()]                             # (nb,)
+        c = F.pad(c, (0, -nb % bs2)).view(-1, bs2) * self.nested_absmax[:, None]  # (nb/256, 256)
+        return c.view(-1)[:nb] + self.offset
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Ŵ in `dtype` (default: the original dtype), shape `shape`; written into `out` if given
+        (a reused buffer skips the page faults of a fresh allocation, the main CPU cost)."""
+        dtype = dtype or self.dtype
+        n, bs = self.numel, self.blocksize
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype, device=self.packed.device)
+        elif out.numel() != n or not out.is_contiguous() or out.dtype != dtype:
+            raise ValueError(f"dequantize: out must be a contiguous {dtype} tensor of {n} elements, "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        c, codes, flat = self.absmax_fp32(), self.packed.view(-1), out.view(-1)
+        full = n // bs * bs
+        if full:
+            _dequantize_blocks(codes[: full // 2], c[: n // bs], flat[:full], bs)
+        if full < n:  # ragged last block
+            tail = codes[full // 2:]
+            q = torch.stack([tail >> 4, tail & 15], 1).view(-1)[: n - full].long()
+            flat[full:] = self.quant_map[q] * c[-1]
+        return out.view(self.shape)
+
+
+def _dequantize_blocks(codes: torch.Tensor, c: torch.Tensor, out: torch.Tensor, bs: int) -> None:
+    """out[i] = NF4[q_i] · c[i // bs] for whole blocks: one gather per byte, one multiply per value."""
+    lut2 = _tables(codes.device).lut2
+    if torch.compiler.is_compiling():  # torch.compile fuses the plain formula into one loop
+        out.view(-1, bs).copy_(lut2.view(torch.float32).view(256, 2)[codes.long()].view(-1, bs) * c[:, None])
+        return
+    per = max(1, _chunk(codes.device) // bs)                     # blocks per step
+    idx = torch.empty(min(per, c.numel()) * bs // 2, dtype=torch.int32, device=codes.device)
+    pairs = torch.empty_like(idx, dtype=torch.int64)
+    for q, cb, o in zip(codes.split(per * bs // 2), c.view(-1, 1).split(per), out.view(-1, bs).split(per)):
+        i, p = (idx, pairs) if q.numel() == idx.numel() else (idx[: q.numel()], pairs[: q.numel()])
+        i.copy_(q)                                               # gather needs int indices
+        torch.index_select(lut2, 0, i, out=p)                    # (k,) int64 = (k, 2) fp32 codes
+        v = p.view(torch.float32).view(-1, bs)                   # (blocks, bs)
+        if o.dtype == torch.float32:
+            torch.mul(v, cb, out=o)                              # Ŵ = NF4[q]·c (Eq. 6)
+        else:
+            o.copy_(v.mul_(cb))                                  # fp32 product, rounded once to bf16/fp16
+
+
+@torch.no_grad()
+def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 name: str | None = None) -> NF4Weight:
+    """Quantize `tensor` (fp32/bf16/fp16, any shape) to NF4, bit-identical to bitsandbytes on CPU.
+    `name` labels errors, e.g. the checkpoint key; NaN or inf anywhere raises a ValueError."""
+    what = name or f"tensor{tuple(tensor.shape)}"
+    if tensor.dtype not in _FLOATS:
+        raise TypeError(f"{what}: NF4 quantizes float32/bfloat16/float16, got {tensor.dtype}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"{what}: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    x = tensor.detach().reshape(-1)
+    n, dev, T = x.numel(), x.device, _tables(x.device)
+    if n == 0:
+        raise ValueError(f"{what}: cannot quantize an empty tensor")
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
+    c = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
+    full, flat = n // blocksize * blocksize, packed.view(-1)
+    if full:
+        _quantize_blocks(x[:full], blocksize, flat[: full // 2], c[: n // blocksize], what, x)
+    if full < n:  # ragged last block: bnb divides by the (clamped) absmax instead
+        xt = x[full:].float()
+        c[-1] = xt.abs().max().clamp(min=1e-38)
+        _check_finite(c[-1:], x, what)
+        q = F.pad(torch.bucketize(xt / c[-1], T.mid), (0, (n - full) % 2), value=7)  # pad: value 0 → code 7
+        flat[full // 2:] = (q[0::2] * 16 + q[1::2]).to(torch.uint8)
+    w = NF4Weight(packed, c, T.nf4.clone(), tensor.shape, tensor.dtype, blocksize)
+    if double_quant:  # QLoRA §3 Double Quantization: c − mean(c) in 8 bits, blocks of 256
+        w.offset = c.mean()
+        if not torch.isfinite(w.offset):  # bitsandbytes silently returns NaNs here
+            raise ValueError(f"{what}: mean absmax overflows float32; use double_quant=False")
+        w.absmax, w.nested_absmax = _quantize_dynamic8(c - w.offset, T)
+        w.nested_quant_map = T.dyn.clone()
+    return w
+
+
+def _check_finite(c: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(c).all():  # a block's absmax is NaN/inf iff the block holds a NaN/inf
+        raise ValueError(f"{what}: {int((~torch.isfinite(x)).sum())} of {x.numel()} values are NaN or inf; "
+                         f"NF4 cannot quantize them")
+
+
+def _quantize_blocks(x: torch.Tensor, bs: int, packed: torch.Tensor, c: torch.Tensor, what: str,
+                     whole: torch.Tensor) -> None:
+    """Whole blocks: c_b = max|x| and q_i = #{mid < x_i/c_b}, two codes per byte, high nibble first."""
+    T, dev = _tables(x.device), x.device
+    per = max(1, _chunk(dev) // bs)
+    m = min(per, c.numel()) * bs
+    s, xf = torch.empty(m, device=dev), torch.empty(m, device=dev)  # per-step temporaries, reused
+    cell, q = torch.empty(m, dtype=torch.int32, device=dev), torch.empty(m, dtype=torch.int32, device=dev)
+    pair = torch.empty(m, dtype=torch.int64, device=dev)
+    for xs, cs, ps in zip(x.split(per * bs), c.split(per), packed.split(per * bs // 2)):
+        k = xs.numel()
+        xb = (xs if xs.dtype == torch.float32 else xf[:k].copy_(xs)).view(-1, bs)  # (blocks, bs) fp32
+        torch.amax(torch.abs(xb, out=s[:k].view(-1, bs)), 1, out=cs)  # c_b = absmax (Eq. 1)
+        _check_finite(cs, whole, what)
+        r = 1.0 / cs.clamp(min=1e-38)                             # bnb scales by the fp32 reciprocal
+        r = torch.where(cs >= _TINY, r * _CELL, 0.0)              # tiny (or zero) blocks: fixed below
+        t = torch.mul(xb, r[:, None], out=s[:k].view(-1, bs)).view(-1)  # 4096·x/c, exactly
+        j = cell[:k].copy_(t).add_(_CELL)                          # cell index trunc(t) + 4096
+        bt = torch.index_select(T.cells, 0, j, out=pair[:k]).view(torch.int32).view(-1, 2)
+        qk = torch.add(bt[:, 0], torch.gt(t, bt[:, 1].view(torch.float32)), out=q[:k]).view(-1, 2)
+        torch.add(qk[:, 1], qk[:, 0], alpha=16, out=ps)           # byte = 16·q_2i + q_2i+1
+    tiny = ((c > 0) & (c < _TINY)).nonzero().view(-1)            # denormal-scale blocks: rare
+    if tiny.numel():
+        xb = x.view(-1, bs)[tiny].float()
+        qt = torch.bucketize(xb * (1.0 / c[tiny].clamp(min=1e-38))[:, None], T.mid)
+        packed.view(-1, bs // 2)[tiny] = (qt[:, 0::2] * 16 + qt[:, 1::2]).to(torch.uint8)
+
+
+def _quantize_dynamic8(a: torch.Tensor, T: _Tables, bs: int = NESTED_BLOCKSIZE):
+    """8-bit blockwise quantization of `a` with the dynamic map, as bitsandbytes' CPU kernel does it."""
+    nb = -(-a.numel() // bs)
+    blk = F.pad(a, (0, nb * bs - a.numel())).view(nb, bs)        # (nb, 256)
+    c2 = blk.abs().amax(1)
+    v = (blk * torch.where(c2 > 0, 1.0 / c2, 0.0)[:, None]).clamp(-1, 1)
+    k = T.dyn_lut[((v + 1.0) * 0.5 * 65535.0 + 0.5).long()]     # table rule, not an exact nearest search
+    k[c2 == 0] = 0                                               # an all-zero block gets code 0
+    return k.view(-1)[: a.numel()], c2
+
+
+# ---------------------------------------------------------------------------- state dict (bnb format)
+QS_KEY = "weight.quant_state.bitsandbytes__nf4"
+NESTED_KEYS = ("weight.nested_absmax", "weight.nested_quant_map")
+
+
+def _json(t: torch.Tensor) -> dict:
+    return json.loads(bytes(t.tolist()))  # the packed quant state: UTF-8 JSON as a uint8 tensor
+
+
+def nf4_state_dict(w: NF4Weight) -> dict[str, torch.Tensor]:
+    """The `weight*` entries transformers + bitsandbytes write for a 4-bit Linear (same order, same JSON)."""
+    d = {"weight": w.packed, "weight.absmax": w.absmax, "weight.quant_map": w.quant_map}
+    meta = {"quant_type": "nf4", "blocksize": w.blocksize, "dtype": str(w.dtype).removeprefix("torch."),
+            "shape": list(w.shape)}
+    if w.double_quant:
+        d |= {"weight.nested_absmax": w.nested_absmax, "weight.nested_quant_map": w.nested_quant_map}
+        meta |= {"nested_blocksize": w.nested_blocksize, "nested_dtype": "float32",
+                 "nested_offset": float(w.offset)}
+    d[QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    return d
+
+
+def nf4_from_state_dict(d: dict[str, torch.Tensor], what: str = "weight") -> NF4Weight:
+    """Inverse of `nf4_state_dict`: an NF4Weight from the `weight*` entries (e.g. a bnb checkpoint)."""
+    meta = _json(d[QS_KEY])
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"{what}: quant_type {meta.get('quant_type')!r} is not supported (only nf4)")
+    shape, bs = torch.Size(meta["shape"]), int(meta["blocksize"])
+    n, nested = math.prod(shape), "nested_offset" in meta
+    w = NF4Weight(d["weight"].reshape(-1).view(torch.uint8).view(-1, 1), d["weight.absmax"],
+                  d["weight.quant_map"], shape, getattr(torch, meta["dtype"]), bs)
+    if nested:
+        w.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=w.absmax.device)
+        w.nested_absmax, w.nested_quant_map = d["weight.nested_absmax"], d["weight.nested_quant_map"]
+        w.nested_blocksize = int(meta["nested_blocksize"])
+    nb = -(-n // bs)
+    for k, t, size in [("", w.packed, (n + 1) // 2), (".absmax", w.absmax, nb), (".quant_map", w.quant_map, 16),
+                       (".nested_absmax", w.nested_absmax, -(-nb // w.nested_blocksize))]:
+        if t is not None and t.numel() != size:
+            raise ValueError(f"{what}{k} has {t.numel()} elements; shape {list(shape)}, blocksize {bs} need {size}")
+    if not torch.equal(w.quant_map.cpu(), torch.tensor(NF4_CODES)):  # the dequantize tables assume it
+        raise ValueError(f"{what}.quant_map is not the NF4 code table")
+    if w.absmax.dtype != (torch.uint8 if nested else torch.float32):
+        raise ValueError(f"{what}: weight.absmax is {w.absmax.dtype}: uint8 codes with nested_* keys, else float32")
+    return w
+
+
+# The layer built on these primitives lives in nf4_linear.py; importable from here too.
+from .nf4_linear import NF4Linear, NF4Matmul, nf4_nbytes  # noqa: E402  (after the names it imports)
