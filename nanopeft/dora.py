@@ -1,0 +1,154 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
+
+DoRA splits each weight into a magnitude and a direction, and lets LoRA move only the direction:
+
+    W' = m · (W0 + s·BA) / ‖W0 + s·BA‖_c                       (DoRA Eq. 5)
+
+‖·‖_c is the norm of each column of the paper's (in, out) weight, i.e. of each output *row* of
+torch's (out, in) layout, so m and the norm n are (out,) vectors. m starts at ‖W0‖_c (Eq. 2); with
+B = 0 that makes W' = W0 at step 0. Following §4.3 the norm n is a constant in backward
+("we suggest treating ‖V + ΔV‖_c in Eq. (5) as a constant"), so no gradient flows through it.
+With g = m / sg(n) the layer computes
+
+    y = g ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b                                  (no dropout, or eval)
+    y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s · (x̃ Aᵀ Bᵀ),  x̃ = dropout(x)   (training, p > 0)
+
+The second line is PEFT's dropout semantics: the frozen path sees x, the rescaling and the LoRA term
+see x̃; with p = 0 it collapses to the first line, Eq. 5.
+
+The norm without forming W0 + s·BA. PEFT builds that dense (out, in) matrix every step (plus an
+identity matrix to get BA): that is most of why its DoRA trains 2-2.5× slower than LoRA. Expanded,
+
+    ‖W0_i + s(BA)_i‖² = ‖W0_i‖² + 2s·⟨(W0 Aᵀ)_i, B_i⟩ + s²·⟨B_i (A Aᵀ), B_i⟩
+
+needs ‖W0_i‖² (cached: W0 is frozen), A Aᵀ (r, r) and W0 Aᵀ (out, r). W0 Aᵀ is the one product
+with W0, and it rides along with the base matmul: the r rows of A are appended to the batch,
+
+    [x; x̃; A] W0ᵀ = [x W0ᵀ; x̃ W0ᵀ; A W0ᵀ]        (x̃ rows only with active dropout)
+
+so W0 is read (for NF4: dequantized) once per step for everything, exactly as for LoRA. For an NF4
+base, W0 is the dequantized weight the base forward multiplies with. In a bf16 compute dtype A W0ᵀ is
+a bf16 product; it only enters the cross term, which moves n by ~1e-5 relative, far below the bf16
+rounding of the output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .lora import (base_device, base_weight, check_adapter_args, frozen_matmul, is_linear, lora_scaling,
+                   make_dropout, make_lora_pair, plain_like)
+
+# A row whose squared norm is below this fraction of ‖W0_i‖² + s²‖(BA)_i‖² has lost most of its
+# digits to cancellation in the expanded sum (s·BA pointing against W0): recompute it densely.
+# Above it, the expanded sum's relative error is at most ~8× that of its terms.
+CANCELLATION = 0.25
+
+
+def _state_key(module: nn.Module):
+    """Identifies the current values of a module's tensors: storage and in-place version counter.
+
+    load_state_dict copies in place (bumps _version) or assigns new tensors (new data_ptr).
+    Inference-mode tensors keep no version counter: then there is no key and no caching.
+    """
+    try:
+        return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+    except RuntimeError:
+        return None
+
+
+class DoRALinear(nn.Module):
+    """y = g ⊙ (x W0ᵀ + s·x AᵀBᵀ) + b with g = m / sg(‖W0 + s·BA‖_row), wrapping a frozen linear layer."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if not is_linear(base):
+            raise TypeError(f"DoRALinear wraps an nn.Linear or NF4Linear, got {type(base).__name__}")
+        check_adapter_args(rank, alpha, dropout)
+        self.base_layer = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
+        self.lora_dropout = make_dropout(dropout)
+        self.lora_A, self.lora_B = make_lora_pair(base, rank)   # A (r, in), B (out, r), fp32
+        # m (out,), fp32. PEFT's file key is `<path>.lora_magnitude_vector` (no `.weight`): so is ours.
+        self.lora_magnitude_vector = nn.Parameter(
+            torch.empty(base.out_features, device=base_device(base), dtype=torch.float32))
+        self._w0_sq = (None, None)  # (state key of the base, ‖W0_i‖² (out,)): a cache, not state
+        if not self.lora_magnitude_vector.is_meta:
+            self.init_magnitude()
+        # else: a model built on meta has no weights to take norms of; inject.init_dora_magnitudes
+        # initialises m once the base weights are loaded, and forward refuses to run before that.
+
+    @torch.no_grad()
+    def init_magnitude(self) -> None:
+        """m = ‖W0 + s·BA‖_row (DoRA Eq. 2; = ‖W0‖_row while B = 0), so that W' = W0 + s·BA exactly."""
+        n = self.weight_norm()
+        m = self.lora_magnitude_vector
+        if m.is_meta:  # a meta tensor cannot be written to: replace it
+            self.lora_magnitude_vector = nn.Parameter(n, requires_grad=m.requires_grad)
+        else:          # in place: an optimizer holding m keeps working
+            m.copy_(n)
+
+    def _w0_sq_norm(self) -> torch.Tensor:
+        key = _state_key(self.base_layer)
+        if key is None or self._w0_sq[0] != key:
+            self._w0_sq = (key, base_weight(self.base_layer).square().sum(dim=1))  # (out,), fp32
+        return self._w0_sq[1]
+
+    @torch.no_grad()
+    def _norm(self, AW: torch.Tensor) -> torch.Tensor:
+        """n = ‖W0 + s·BA‖ of every output row, (out,) fp32, from AW = A W0ᵀ (r, out)."""
+        A, B, s = self.lora_A.weight.float(), self.lora_B.weight.float(), self.scaling  # (r, in), (out, r)
+        w0_sq = self._w0_sq_norm()                                  # ‖W0_i‖²
+        cross = (AW.float().T * B).sum(dim=1)                       # ⟨W0_i, (BA)_i⟩ = Σ_k (W0Aᵀ)_ik B_ik
+        ba_sq = ((B @ (A @ A.T)) * B).sum(dim=1)                    # ‖(BA)_i‖²: (r, r) -> (out, r) -> (out,)
+        n_sq = w0_sq + 2 * s * cross + s * s * ba_sq                # ‖W0_i + s(BA)_i‖²
+        n = n_sq.clamp_min(0).sqrt()
+        bad = (n_sq < CANCELLATION * (w0_sq + s * s * ba_sq)).nonzero().squeeze(1)
+        if bad.numel():  # rare: those rows densely, (k, in)
+            n[bad] = torch.linalg.vector_norm(base_weight(self.base_layer)[bad] + s * (B[bad] @ A), dim=1)
+        return n
+
+    def weight_norm(self) -> torch.Tensor:
+        """n = ‖W0 + s·BA‖_row (out,), fp32, as forward computes it."""
+        with torch.no_grad():
+            return self._norm(frozen_matmul(self.base_layer, self.lora_A.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, A = self.lora_magnitude_vector, self.lora_A.weight
+        if m.is_meta:
+            raise RuntimeError("DoRALinear: the magnitude vector m is still on the meta device (the model was "
+                               "built on meta); call nanopeft.inject.init_dora_magnitudes(model) once the base "
+                               "weights are loaded")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)                     # (N, in)
+        N = x.shape[0]
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        xd = self.lora_dropout(x.to(A.dtype)) if dropout else x.to(A.dtype)  # x̃ (fp32, like the adapters)
+        rows = [x, xd, A.detach()] if dropout else [x, A.detach()]
+        P = frozen_matmul(self.base_layer, torch.cat([t.to(x.dtype) for t in rows]))  # [x; (x̃;) A] W0ᵀ
+        g = m / self._norm(P[-self.rank:])                      # (out,): m / sg(n), DoRA §4.3
+        z = torch.add(P[N:-self.rank] if dropout else P[:N], self.lora_B(self.lora_A(xd)),
+                      alpha=self.scaling)                       # (N, out) = x̃ (W0 + s·BA)ᵀ, fp32
+        b = self.base_layer.bias
+        b = torch.zeros((), device=z.device) if b is None else b.to(z.dtype)
+        if dropout:   # x W0ᵀ + b − x̃ W0ᵀ + g ⊙ z̃  =  y0 + (g − 1) ⊙ x̃W0ᵀ + g ⊙ s·x̃AᵀBᵀ
+            y = torch.addcmul((P[:N] + b) - P[N:-self.rank], g, z)
+        else:         # b + g ⊙ (x W0ᵀ + s·x AᵀBᵀ)  (Eq. 5); autograd keeps z alone, for m's gradient
+            y = torch.addcmul(b, g, z)
+        return y.to(P.dtype).view(*lead, self.out_features)    # back to the base layer's dtype
+
+    @torch.no_grad()
+    def merged(self, requantize: bool = False) -> nn.Module:
+        """The plain layer with W' = m · (W0 + s·BA) / ‖W0 + s·BA‖_row (Eq. 5), same output as forward."""
+        BA = self.lora_B.weight.float() @ self.lora_A.weight.float()          # (out, in)
+        V = base_weight(self.base_layer, torch.float32) + self.scaling * BA    # W0 + s·BA, a new tensor
+        n = torch.linalg.vector_norm(V, dim=1)                                 # ‖V‖_c (out,): V is dense here
+        g = self.lora_magnitude_vector.float() / n
+        return plain_like(self.base_layer, V * g[:, None], requantize)        # m · V / ‖V‖_c
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"

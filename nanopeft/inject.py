@@ -1,0 +1,128 @@
+"""Put adapters into a model, and take them out again (merge).
+
+    add_adapters(model, method="dora", rank=16, alpha=32, targets="all-linear")
+
+        layer.3.attention.q_proj   nn.Linear or NF4Linear   ─►   DoRALinear(base_layer=<that layer>)
+        layer.3.mlp.down_proj      ...                      ─►   ...
+        everything else                                     ─►   requires_grad = False
+
+    merge_adapters(model)  ─►  each wrapper becomes a plain layer with W = W0 + s·BA (LoRA) or
+                               m·(W0 + s·BA)/‖W0 + s·BA‖_c (DoRA): the base model's inference cost.
+
+Targets:
+  "all-linear"           the Linears (nn.Linear or NF4Linear) inside the transformer blocks, i.e. every
+                         module named `...layer.<N>.<...>`: 7 per SwiGLU block (q, k, v, o, gate, up,
+                         down), 6 per GELU block; never a head or anything outside the blocks.
+  "q_proj" or a list     module-name suffixes, matched at a `.` boundary as PEFT does: "q_proj",
+                         ["q_proj", "v_proj"], "attention.o_proj", "layer.0.mlp.up_proj". Every entry
+                         must match at least one module, and only Linears.
+
+A model built on the meta device (to count a 7B's parameters without its weights) gets meta adapters:
+counting works, forward does not. `init_dora_magnitudes(model)` makes them real once the base weights
+are loaded (A, B initialised as at injection if still on meta; every DoRA m recomputed from W0);
+a DoRA forward with m still on meta raises. It is explicit rather than lazy at the first forward so
+that m exists before an optimizer is built over the parameters.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+from .dora import DoRALinear
+from .lora import LoRALinear, base_device, check_adapter_args, init_lora_pair, is_linear
+
+ADAPTERS = {"lora": LoRALinear, "dora": DoRALinear}
+BLOCK_LINEAR = re.compile(r"(.*\.)?layer\.\d+\..+")  # a module inside transformer block N
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, wrapper) of every LoRALinear / DoRALinear in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
+
+
+def resolve_targets(model: nn.Module, targets) -> list[str]:
+    """Full module names of the layers `targets` selects (see the module docstring)."""
+    modules = dict(model.named_modules())
+    if targets == "all-linear":
+        names = [n for n, m in modules.items() if BLOCK_LINEAR.fullmatch(n) and is_linear(m)]
+        if not names:
+            raise ValueError("targets='all-linear' matched no nn.Linear/NF4Linear inside a transformer block "
+                             "(modules named 'layer.<N>.*')")
+        return names
+    suffixes = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, (list, tuple)) else []
+    if not suffixes or not all(isinstance(t, str) and t for t in suffixes):
+        raise ValueError(f"targets must be 'all-linear', a module-name suffix or a non-empty list of them, "
+                         f"got {targets!r}")
+    names = []
+    for t in suffixes:
+        hits = [n for n in modules if n == t or n.endswith("." + t)]
+        if not hits:
+            linears = [n for n, m in modules.items() if is_linear(m)]
+            raise ValueError(f"target {t!r} matches no module of the model (its Linears are named like "
+                             f"{linears[:3]})")
+        for n in hits:
+            if not is_linear(modules[n]):
+                raise ValueError(f"target {t!r} matches {n!r}, a {type(modules[n]).__name__}; adapters wrap "
+                                 f"only nn.Linear or NF4Linear")
+        names += [n for n in hits if n not in names]
+    return [n for n in modules if n in names]  # module order, each once
+
+
+def add_adapters(model: nn.Module, *, method: str = "lora", rank: int, alpha: float, dropout: float = 0.0,
+                 targets="q_proj", use_rslora: bool = False) -> int:
+    """Wrap the target Linears in LoRA or DoRA adapters (in place), freeze everything else.
+
+    Returns the number of trainable parameters, i.e. of the adapters: r·(in + out) per layer, plus
+    `out` per layer for DoRA's magnitude (ViT-7B q_proj r=8: 2,621,440 LoRA, 2,785,280 DoRA).
+    """
+    if method not in ADAPTERS:
+        raise ValueError(f"method must be one of {sorted(ADAPTERS)}, got {method!r}")
+    check_adapter_args(rank, alpha, dropout)
+    existing = adapter_layers(model)
+    if existing:
+        raise ValueError(f"the model already has adapters ({existing[0][0]!r} and {len(existing) - 1} more); "
+                         f"merge_adapters(model) first, one adapter at a time is supported")
+    names = resolve_targets(model, targets)
+    model.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        wrapper = ADAPTERS[method](base, rank, alpha, dropout, use_rslora)
+        model.set_submodule(name, wrapper.train(base.training))  # an eval model stays in eval (dropout off)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def init_dora_magnitudes(model: nn.Module) -> int:
+    """After the base weights are loaded into a model whose adapters were built on meta: create the
+    adapter tensors still on meta (A kaiming-uniform, B zero, on the base layer's device) and set every
+    DoRA magnitude to ‖W0 + s·BA‖_row. Returns the number of DoRA layers initialised."""
+    count = 0
+    for name, w in adapter_layers(model):
+        if any(t.is_meta for t in (*w.base_layer.parameters(), *w.base_layer.buffers())):
+            raise RuntimeError(f"{name}: the base layer is still on the meta device; load the checkpoint first")
+        if w.lora_A.weight.is_meta or w.lora_B.weight.is_meta:
+            device = base_device(w.base_layer)
+            w.lora_A.to_empty(device=device)
+            w.lora_B.to_empty(device=device)
+            init_lora_pair(w.lora_A, w.lora_B)
+        if isinstance(w, DoRALinear):
+            w.init_magnitude()
+            count += 1
+    return count
+
+
+def merge_adapters(model: nn.Module, requantize: bool = False) -> int:
+    """Fold every adapter into its base and put a plain layer in the wrapper's place (in place).
+
+    nn.Linear base: an nn.Linear in the base dtype. NF4 base: an nn.Linear in the compute dtype
+    (merged output == unmerged output), or NF4Linear again with requantize=True (4× smaller, but the
+    merged weight is re-rounded to NF4, so outputs move by about one quantization step).
+    Returns the number of layers merged.
+    """
+    layers = adapter_layers(model)
+    for name, w in layers:
+        if w.lora_A.weight.is_meta or getattr(w, "lora_magnitude_vector", w.lora_A.weight).is_meta:
+            raise RuntimeError(f"{name}: adapter tensors are on the meta device; nothing to merge")
+        model.set_submodule(name, w.merged(requantize).train(w.training))
+    return len(layers)

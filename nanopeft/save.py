@@ -1,0 +1,251 @@
+"""Adapter files in PEFT's format: one directory holds a whole fine-tuned classifier.
+
+    <dir>/adapter_model.safetensors
+        base_model.model.model.layer.3.attention.q_proj.lora_A.weight          (r, in)   fp32
+        base_model.model.model.layer.3.attention.q_proj.lora_B.weight          (out, r)  fp32
+        base_model.model.model.layer.3.attention.q_proj.lora_magnitude_vector  (out,)    fp32, DoRA only
+        base_model.model.classifier.<param>     the head, if one is given (PEFT's modules_to_save naming)
+        base_model.model.<name>                 extra tensors (`extra_state`), listed in the file's metadata
+    <dir>/adapter_config.json                   PEFT's LoraConfig fields
+
+Key paths. PEFT prefixes `base_model.model.` to the module path inside the wrapped transformers model.
+In transformers 5 the blocks of DINOv3ViTModel live at `model.layer.N`, so our `layer.N.attention.q_proj`
+is written as `base_model.model.model.layer.N.attention.q_proj` (PEFT on transformers 5 silently drops
+keys written as `base_model.model.layer.N...`, the transformers 4 layout). Loading accepts both layouts.
+`target_modules` lists the adapted modules by their full names in our layout (`layer.N.attention.q_proj`):
+PEFT matches list entries as suffixes at a `.` boundary, so they select the same modules under both layouts.
+
+The head. A head (any nn.Module) is saved under `base_model.model.classifier.*` with
+`modules_to_save: ["classifier"]` in the config, which is how PEFT itself stores a trained classification
+head. `PeftModel.from_pretrained(DINOv3ViTModel.from_pretrained(...), dir)` finds no module named
+`classifier` there and ignores both the entry and those keys, loading the backbone adapter cleanly
+(checked in tests/test_save.py); with no head, `modules_to_save` is null. `task_type` is null: DINOv3ViTModel
+takes `pixel_values`, which PEFT's task-specific wrappers would not pass through.
+
+Unlike PEFT, `load_adapter` refuses what it cannot place: keys that match no adapter, wrong shapes, and
+adapter tensors missing from the file, each error naming the keys. Files are written atomically (temp
+file + os.replace). An existing adapter of a different shape (method, r, alpha, targets, head) in the
+directory is not overwritten unless overwrite=True; re-saving the same adapter (checkpoints of one run) is.
+A directory with only a head or extra tensors (no adapters) is valid for load_adapter, not for PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .dora import DoRALinear
+from .inject import adapter_layers, add_adapters
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+HEAD = "classifier"
+EXTRA_META = "nanopeft_extra_state"  # safetensors metadata: JSON list of the extra tensors' names
+# config fields that identify an adapter: a directory holding a different one is not silently overwritten
+IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "modules_to_save")
+UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
+               "fan_in_fan_out", "lora_bias", "bias")
+
+
+def peft_path(name: str) -> str:
+    """Our module path -> the one inside transformers 5's DINOv3ViTModel (blocks under `model.`)."""
+    return "model." + name if name.startswith("layer.") else name
+
+
+def _adapter_tensors(name: str, w: nn.Module) -> dict[str, torch.Tensor]:
+    out = {f"{name}.lora_A.weight": w.lora_A.weight, f"{name}.lora_B.weight": w.lora_B.weight}
+    if isinstance(w, DoRALinear):
+        out[f"{name}.lora_magnitude_vector"] = w.lora_magnitude_vector
+    return out
+
+
+def adapter_config(model: nn.Module, *, head: bool = False, base_model_name_or_path=None) -> dict:
+    """The adapter_config.json of the model's adapters (they must share method, r, alpha, dropout)."""
+    layers = adapter_layers(model)
+    kinds = {(type(w).__name__, w.rank, w.alpha, w.use_rslora, getattr(w.lora_dropout, "p", 0.0)) for _, w in layers}
+    if len(kinds) > 1:
+        raise ValueError(f"the model's adapters differ in (type, r, alpha, rslora, dropout): {sorted(kinds)}; "
+                         f"one adapter config per file is supported")
+    kind, r, alpha, rslora, p = kinds.pop() if kinds else ("LoRALinear", 0, 0, False, 0.0)
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "lora_dropout": p, "use_rslora": rslora, "use_dora": kind == "DoRALinear",
+        "target_modules": [n for n, _ in layers], "exclude_modules": None,
+        "modules_to_save": [HEAD] if head else None,
+        "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "init_lora_weights": True,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one, never half
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, extra_state=None,
+                 base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+    """Write the model's adapters (+ an optional head and extra tensors) in PEFT's format; returns the dir.
+
+    model: the backbone holding the adapters (DINOv3ViT after add_adapters), not a backbone+head wrapper.
+    head: any nn.Module, stored as `base_model.model.classifier.<its state_dict key>`.
+    extra_state: {name: tensor}, stored as `base_model.model.<name>` (e.g. a scratch baseline's weights).
+    """
+    directory = Path(directory)
+    config = adapter_config(model, head=head is not None, base_model_name_or_path=base_model_name_or_path)
+    tensors = {}
+    for name, w in adapter_layers(model):
+        for key, t in _adapter_tensors(peft_path(name), w).items():
+            tensors[PREFIX + key] = t
+    for key, t in (head.state_dict() if head is not None else {}).items():
+        tensors[f"{PREFIX}{HEAD}.{key}"] = t
+    extra = dict(extra_state or {})
+    for key, t in extra.items():
+        if not isinstance(t, torch.Tensor) or PREFIX + key in tensors:
+            raise ValueError(f"extra_state[{key!r}] must be a tensor whose name differs from the adapter "
+                             f"and head keys")
+        tensors[PREFIX + key] = t
+    if not tensors:
+        raise ValueError("save_adapter: the model has no adapters and no head or extra_state was given")
+    meta = [k for k, t in tensors.items() if t.is_meta]
+    if meta:
+        raise ValueError(f"save_adapter: {meta[:3]} are on the meta device (call init_dora_magnitudes "
+                         f"after loading the base weights)")
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+
+    directory.mkdir(parents=True, exist_ok=True)
+    old = directory / CONFIG_NAME
+    if not overwrite and old.exists():
+        prev = json.loads(old.read_text())
+        diff = [k for k in IDENTITY if prev.get(k) != config[k]]
+        if diff:
+            raise FileExistsError(f"{old} holds a different adapter ({', '.join(diff)} differ); "
+                                  f"pass overwrite=True or another directory")
+    elif not overwrite and (directory / WEIGHTS_NAME).exists():
+        raise FileExistsError(f"{directory / WEIGHTS_NAME} exists without an {CONFIG_NAME}; "
+                              f"pass overwrite=True or another directory")
+    metadata = {"format": "pt", EXTRA_META: json.dumps(sorted(extra))}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
+    _atomic_write(old, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def _our_targets(model: nn.Module, targets):
+    """PEFT's target_modules -> add_adapters targets. A string other than "all-linear" is a regex PEFT
+    full-matches against module names in its own layout; a list holds suffixes (maybe full names in
+    transformers 5's layout, `model.layer.N...`, which are `layer.N...` here)."""
+    if targets == "all-linear":
+        return targets
+    if isinstance(targets, str):
+        names = [n for n, _ in model.named_modules()
+                 if n and (re.fullmatch(targets, n) or re.fullmatch(targets, peft_path(n)))]
+        if not names:
+            raise ValueError(f"target_modules regex {targets!r} matches no module of the model")
+        return names
+    return [t.removeprefix("model.") if t.startswith("model.layer.") else t for t in targets]
+
+
+def _read(directory: Path) -> tuple[dict, dict, set]:
+    """adapter_config.json, the tensors, and the names of the extra tensors; refuses unsupported configs."""
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: not an adapter directory")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for field in UNSUPPORTED:  # PEFT features we do not implement: refuse rather than load something else
+        if cfg.get(field) not in (None, False, "none", {}, []):
+            raise ValueError(f"{cfg_path}: {field}={cfg[field]!r} is not supported by nanopeft")
+    with safe_open(w_path, "pt") as f:
+        extra_names = set(json.loads((f.metadata() or {}).get(EXTRA_META, "[]")))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return cfg, tensors, extra_names
+
+
+def load_adapter(model: nn.Module, directory, *, trainable: bool = False, head: nn.Module | None = None) -> dict:
+    """Load a PEFT-format adapter into `model` in place (injecting it first if the model has none).
+
+    Both key layouts load: transformers 5 (`base_model.model.model.layer.N...`) and 4
+    (`base_model.model.layer.N...`). trainable=False freezes the loaded adapters (evaluation);
+    True leaves them trainable (resume training). head: a module to load the saved head into.
+    Returns the extra tensors saved with extra_state, {name: tensor} (empty if none).
+    """
+    directory = Path(directory)
+    w_path = directory / WEIGHTS_NAME
+    cfg, tensors, extra_names = _read(directory)
+    use_dora = bool(cfg.get("use_dora"))
+    layers = adapter_layers(model)
+    if not layers and cfg.get("target_modules"):
+        add_adapters(model, method="dora" if use_dora else "lora", rank=cfg["r"], alpha=cfg["lora_alpha"],
+                     dropout=cfg.get("lora_dropout") or 0.0, targets=_our_targets(model, cfg["target_modules"]),
+                     use_rslora=bool(cfg.get("use_rslora")))
+        layers = adapter_layers(model)
+    want = (use_dora, cfg.get("r"), cfg.get("lora_alpha"), bool(cfg.get("use_rslora")))
+    for name, w in layers:  # adapters already in the model must be the file's kind
+        have = (isinstance(w, DoRALinear), w.rank, w.alpha, w.use_rslora)
+        if have != want:
+            raise ValueError(f"{name}: the model's adapter (dora, r, alpha, rslora) = {have} does not match "
+                             f"{directory / CONFIG_NAME}'s {want}")
+
+    # sort the file's keys: head, extra, adapter tensor (either layout), or unknown
+    expected = {k: t for name, w in layers for k, t in _adapter_tensors(name, w).items()}
+    heads = tuple(f"{h}." for h in (cfg.get("modules_to_save") or []))
+    head_sd, extra, found, unknown = {}, {}, {}, []
+    for key, t in tensors.items():
+        rest = key.removeprefix(PREFIX) if key.startswith(PREFIX) else None
+        if rest is None:
+            unknown.append(key)
+        elif rest in extra_names:
+            extra[rest] = t
+        elif heads and rest.startswith(heads):
+            head_sd[rest.partition(".")[2]] = t
+        elif rest in expected:
+            found[rest] = t
+        elif rest.startswith("model.layer.") and rest.removeprefix("model.") in expected:
+            found[rest.removeprefix("model.")] = t
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{w_path}: {len(unknown)} key(s) match no adapter of the model: {unknown[:4]}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ValueError(f"{w_path}: {len(missing)} adapter tensor(s) missing: {missing[:4]}")
+    bad = [f"{k}: file {tuple(t.shape)} vs model {tuple(expected[k].shape)}" for k, t in found.items()
+           if t.shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{w_path}: shape mismatch: {bad[:4]}")
+
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, t in found.items():
+            owner_name, _, attr = key.rpartition(".")  # `<path>.lora_A` + `weight`, `<path>` + `lora_magnitude_vector`
+            owner = modules[owner_name]
+            p = getattr(owner, attr)
+            if p.is_meta:  # a model built on meta: the file's tensor becomes the parameter
+                setattr(owner, attr, nn.Parameter(t.to(p.dtype)))
+            else:
+                p.copy_(t)
+    for _, w in layers:
+        for t in _adapter_tensors("", w).values():
+            t.requires_grad_(trainable)
+
+    if head is not None:
+        if not head_sd:
+            raise ValueError(f"{w_path} holds no head (no {PREFIX}{HEAD}.* keys), but head= was given")
+        try:
+            head.load_state_dict(head_sd, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{w_path}: the saved head does not fit the given head module: {e}") from e
+    return extra

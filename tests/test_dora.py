@@ -1,0 +1,199 @@
+"""nanopeft/dora.py against HF PEFT's DoRA on single layers (peft_nf4.md §2, §8)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from test_lora import ALPHA, IN, OUT, R, close, copy_from_peft, make_bnb4, make_linear, peft_layer
+
+from nanopeft.dora import DoRALinear
+from nanopeft.nf4 import NF4Linear
+
+peft = pytest.importorskip("peft")
+
+
+def twin(base, dropout=0.0, rslora=False, ours_base=None):
+    """PEFT's DoRA (B != 0) and ours with PEFT's A, B and a perturbed m copied in."""
+    pm, layer = peft_layer(base, dora=True, dropout=dropout, rslora=rslora)
+    with torch.no_grad():  # m != ‖W0 + sBA‖, so that g != 1 and every term of the forward matters
+        layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.2 * torch.randn(OUT))
+    ours = DoRALinear(copy.deepcopy(base) if ours_base is None else ours_base, R, ALPHA, dropout, rslora)
+    return pm, layer, copy_from_peft(ours, layer)
+
+
+def test_magnitude_init_is_the_row_norm_of_w0():
+    base = make_linear()
+    do = DoRALinear(base, R, ALPHA)
+    m = do.lora_magnitude_vector
+    assert m.shape == (OUT,) and m.dtype == torch.float32 and m.requires_grad
+    assert torch.allclose(m, torch.linalg.norm(base.weight, dim=1), rtol=1e-6, atol=0)
+    x = torch.randn(4, IN)
+    assert torch.allclose(do(x), base(x), atol=1e-6, rtol=0)  # B = 0 and g = 1: step 0 is the base model
+    # PEFT's init_lora_weights=False: m = ‖W0 + s·BA‖ with its random B; ours recomputes the same
+    _, layer = peft_layer(base, dora=True)
+    copy_from_peft(do, layer)
+    do.init_magnitude()
+    assert torch.allclose(m, layer.lora_magnitude_vector["default"].weight, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_and_grads_equal_peft(dropout, rslora):
+    base = make_linear()
+    pm, layer, ours = twin(base, dropout, rslora)
+    x = torch.randn(3, 7, IN, requires_grad=True)
+    theirs = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight]
+    mine = [ours.lora_A.weight, ours.lora_B.weight, ours.lora_magnitude_vector]
+    for training in (False, True):
+        pm.train(training), ours.train(training)
+        torch.manual_seed(123)
+        y_ref = pm(x)
+        torch.manual_seed(123)  # the same dropout mask
+        y = ours(x)
+        assert torch.allclose(y, y_ref, atol=1e-6, rtol=0), (y - y_ref).abs().max()
+        g_ref = torch.autograd.grad(y_ref.square().sum(), [x] + theirs)
+        g = torch.autograd.grad(y.square().sum(), [x] + mine)
+        for a, b in zip(g, g_ref):
+            assert close(a, b), (a - b).abs().max()
+
+
+def test_dropout_only_reaches_the_rescaling_and_lora_terms():
+    base = make_linear()
+    _, _, do = twin(base, dropout=0.5)
+    x = torch.randn(5, IN)
+    do.train()
+    torch.manual_seed(0)
+    y = do(x)
+    torch.manual_seed(0)
+    xd = nn.functional.dropout(x, 0.5, True)
+    W, b, A, B, s = base.weight, base.bias, do.lora_A.weight, do.lora_B.weight, do.scaling
+    g = do.lora_magnitude_vector / torch.linalg.norm(W + s * B @ A, dim=1)
+    ref = x @ W.T + b + (g - 1) * (xd @ W.T) + g * s * (xd @ A.T @ B.T)  # PEFT's dropout semantics
+    assert torch.allclose(y, ref, atol=1e-5, rtol=0)
+    do.eval()  # eval: Eq. 5 exactly, W' = m·(W0 + sBA)/‖W0 + sBA‖
+    Wp = g[:, None] * (W + s * B @ A)
+    assert torch.allclose(do(x), x @ Wp.T + b, atol=1e-5, rtol=0)
+
+
+def test_factored_norm_is_exact_even_under_cancellation():
+    base = make_linear()
+    do = DoRALinear(base, R, ALPHA)
+    A, B, s = do.lora_A.weight, do.lora_B.weight, do.scaling
+    with torch.no_grad():
+        B.normal_(0, 0.1)
+        # rows 0-2: s·(BA)_i = −W0_i + a little, so ‖W0_i + s(BA)_i‖ is ~1e-4 of its parts (cancellation)
+        W = base.weight
+        for i in range(3):
+            W[i] = -s * (B[i] @ A) + 1e-4 * torch.randn(IN) * W[i].norm() / IN ** 0.5
+        do.init_magnitude()  # also exercises the cache: the base changed in place above
+    f64 = lambda t: t.detach().double()
+    ref = torch.linalg.norm(f64(W) + s * (f64(B) @ f64(A)), dim=1)
+    dense32 = torch.linalg.norm(W + s * (B @ A), dim=1).detach()  # PEFT's way, in fp32
+    expanded = (W.square().sum(1) + 2 * s * ((W @ A.T) * B).sum(1)
+                + s * s * ((B @ (A @ A.T)) * B).sum(1)).clamp_min(0).sqrt().detach()  # no guard
+    n = do.weight_norm()
+    rel = lambda t: ((f64(t) - ref).abs() / ref).max().item()
+    assert n.dtype == torch.float32 and n.shape == (OUT,)
+    assert rel(expanded) > 1e-2  # the naive expansion really loses the cancelling rows ...
+    assert rel(n) <= 2 * rel(dense32) + 1e-6, (rel(n), rel(dense32))  # ... ours is as good as dense fp32
+    assert torch.allclose(do.lora_magnitude_vector, n, rtol=1e-6, atol=0)
+    with torch.no_grad():  # load new base weights: the cached ‖W0_i‖² must not go stale
+        base.weight.mul_(2.0)
+    ref2 = torch.linalg.norm(f64(base.weight) + s * (f64(B) @ f64(A)), dim=1)
+    assert ((f64(do.weight_norm()) - ref2).abs() / ref2).max() < 1e-4
+
+
+def test_norm_is_a_constant_in_backward():
+    """§4.3: ∂y/∂A and ∂y/∂B flow only through the LoRA term, scaled by g."""
+    base = make_linear()
+    _, _, do = twin(base)
+    x = torch.randn(5, IN)
+    W, b, A, B, s, m = base.weight, base.bias, do.lora_A.weight, do.lora_B.weight, do.scaling, do.lora_magnitude_vector
+    n = torch.linalg.norm(W + s * B @ A, dim=1).detach()
+    ref = (m / n) * (x @ W.T + s * x @ A.T @ B.T) + b
+    g_ref = torch.autograd.grad(ref.pow(3).sum(), [A, B, m])
+    g = torch.autograd.grad(do(x).pow(3).sum(), [A, B, m])
+    for a, r in zip(g, g_ref):
+        assert close(a, r)
+
+
+def test_bf16_base_matches_peft():
+    base = make_linear(torch.bfloat16)
+    pm, layer, ours = twin(base)
+    assert layer.lora_magnitude_vector["default"].weight.dtype == torch.float32
+    assert ours.lora_magnitude_vector.dtype == torch.float32
+    x = torch.randn(4, IN, dtype=torch.bfloat16)
+    y, y_ref = ours(x), pm(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), y_ref.float(), atol=1e-2, rtol=1e-2)  # one bf16 rounding apart
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_nf4_base_equals_peft_on_bitsandbytes(dropout):
+    base = make_linear()
+    q = make_bnb4(base)
+    pm, layer = peft_layer(q, dora=True, dropout=dropout)
+    pm.train()  # bnb's eval path on CPU repacks the weight (peft_nf4.md §4.8)
+    # m was initialised from the dequantized NF4 weight, on both sides
+    ours = DoRALinear(NF4Linear.from_linear(base), R, ALPHA, dropout)
+    copy_from_peft(ours, layer)
+    m_peft = layer.lora_magnitude_vector["default"].weight.detach().clone()
+    ours.init_magnitude()
+    assert torch.allclose(ours.lora_magnitude_vector, m_peft, rtol=1e-6, atol=0)
+    assert not torch.allclose(m_peft, torch.linalg.norm(base.weight + ours.scaling * (
+        ours.lora_B.weight @ ours.lora_A.weight), dim=1), rtol=1e-4, atol=0)  # (not W0 before quantization)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.2 * torch.randn(OUT))
+    copy_from_peft(ours, layer).train()
+    x = torch.randn(2, 5, IN)
+    torch.manual_seed(5)
+    y_ref = pm(x)
+    torch.manual_seed(5)
+    assert torch.allclose(ours(x), y_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "bf16", "nf4"])
+def test_merged_equals_unmerged(kind):
+    base = make_linear(torch.bfloat16 if kind == "bf16" else torch.float32)
+    if kind == "nf4":
+        base = NF4Linear.from_linear(base)
+    _, _, do = twin(make_linear(), ours_base=base)
+    x = torch.randn(6, IN, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
+    merged = do.eval().merged()
+    assert type(merged) is nn.Linear and merged.weight.dtype == x.dtype
+    tol = 3e-2 if kind == "bf16" else 1e-5
+    assert torch.allclose(merged(x).float(), do(x).float(), atol=tol, rtol=0)
+    if kind == "nf4":
+        rq = do.merged(requantize=True)
+        assert isinstance(rq, NF4Linear)
+        assert torch.equal(rq.dequantize(), NF4Linear.from_weight(merged.weight, merged.bias.detach()).dequantize())
+
+
+def test_meta_magnitude_refuses_forward():
+    with torch.device("meta"):
+        base = nn.Linear(IN, OUT)
+    do = DoRALinear(base, R, ALPHA)
+    assert do.lora_magnitude_vector.is_meta
+    with pytest.raises(RuntimeError, match="init_dora_magnitudes"):
+        do(torch.randn(2, IN, device="meta"))
+
+
+def test_nf4_weight_is_dequantized_no_more_often_than_for_lora(monkeypatch):
+    """W0 Aᵀ (and x̃ W0ᵀ) ride along with the base matmul: one dequantize forward, one backward."""
+    from nanopeft.lora import LoRALinear
+    from nanopeft.nf4 import NF4Weight
+
+    calls, dequantize = [], NF4Weight.dequantize
+    monkeypatch.setattr(NF4Weight, "dequantize", lambda self, *a, **k: calls.append(1) or dequantize(self, *a, **k))
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    counts = {}
+    for cls in (LoRALinear, DoRALinear):
+        for dropout in (0.0, 0.1):
+            layer = cls(NF4Linear.from_linear(make_linear()), R, ALPHA, dropout).train()
+            layer(x).square().sum().backward()  # DoRA caches ‖W0_i‖² here, once
+            calls.clear()
+            layer(x).square().sum().backward()
+            counts[cls.__name__, dropout] = len(calls)
+    assert set(counts.values()) == {2}, counts
