@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 import time
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="metrics.json path (default: RUN/metrics.json); predictions.csv goes beside it")
     p.add_argument("--weights", help="backbone path, if not where the run recorded it")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--merge", default="yes", choices=["yes", "requantize", "no"],
@@ -171,7 +172,11 @@ def main(argv=None) -> dict:
         if saved["class_names"] != saved0["class_names"]:
             fail(f"--ensemble: {run} was trained on classes {saved['class_names']}, {runs[0]} on "
                  f"{saved0['class_names']}")
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and args.workers > 0:  # leave the workers their cores (see train.py)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
         out, t = predict(model, loader, device, amp, desc=f"eval {Path(run).name}")
+        torch.set_num_threads(threads)  # speed is measured without workers, on every thread
         logits, wall = logits + out, wall + t
         if args.speed_reps:
             speed = combine_speed(speed, measure_speed(model, items, image_size, args.batch_size, device, amp,

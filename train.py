@@ -123,7 +123,7 @@ def make_loaders(cfg: TrainConfig, rank: int, world: int):
                             strength=cfg.augment, seed=cfg.seed)
     val_ds = ImageDataset(val_items, image_size=cfg.image_size)
     sampler = MicroBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, world)
-    kw = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available())
+    kw = dict(num_workers=min(cfg.workers, os.cpu_count() or 1), pin_memory=torch.cuda.is_available())
     # a private generator: worker seeds must not draw from the global RNG, or a resumed run's dropout
     # would see a shifted random stream (augmentations are seeded per (seed, epoch, index) anyway)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler,
@@ -192,6 +192,10 @@ def main(argv=None) -> dict:
         else torch.device(f"cuda:{local}")
     amp = autocast_dtype(device, cfg.precision)
     torch.manual_seed(cfg.seed)
+    if device.type == "cpu" and cfg.workers > 0:
+        # leave the DataLoader workers their cores: OpenMP threads that share a core with a busy worker
+        # spin-wait, and small matmuls then run 10-30× slower than on one uncontended thread
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - min(cfg.workers, os.cpu_count() or 1)))
     if cfg.method in DINO_METHODS and not Path(cfg.weights).exists():
         fail(f"no DINOv3 backbone at {cfg.weights}. Download it (gated: accept the licence first): "
              f"huggingface-cli download facebook/dinov3-vit7b16-pretrain-lvd1689m --local-dir {cfg.weights} "
