@@ -214,7 +214,12 @@ def main(argv=None) -> dict:
 
     # ---------------------------------------------------------------- model
     # CPU: fp32 everywhere; GPU: the frozen base in the autocast dtype (NF4 compute dtype)
-    model = build_classifier(cfg, C, device, dtype=amp if amp is not None else torch.float32)
+    from nanopeft.checkpoint import CheckpointError
+
+    try:
+        model = build_classifier(cfg, C, device, dtype=amp if amp is not None else torch.float32)
+    except (FileNotFoundError, CheckpointError) as e:
+        fail(f"cannot load the backbone from {cfg.weights}: {e}")
     counts = count_params(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
