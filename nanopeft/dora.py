@@ -61,8 +61,8 @@ def _state_key(module: nn.Module):
 class DoRALinear(nn.Module):
     """y = g ⊙ (x W0ᵀ + s·x AᵀBᵀ) + b with g = m / sg(‖W0 + s·BA‖_row), wrapping a frozen linear layer."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 use_rslora: bool = False):  # the defaults are PEFT's LoraConfig defaults
         super().__init__()
         if not is_linear(base):
             raise TypeError(f"DoRALinear wraps an nn.Linear or NF4Linear, got {type(base).__name__}")
@@ -107,8 +107,8 @@ class DoRALinear(nn.Module):
         ba_sq = ((B @ (A @ A.T)) * B).sum(dim=1)                    # ‖(BA)_i‖²: (r, r) -> (out, r) -> (out,)
         n_sq = w0_sq + 2 * s * cross + s * s * ba_sq                # ‖W0_i + s(BA)_i‖²
         n = n_sq.clamp_min(0).sqrt()
-        bad = (n_sq < CANCELLATION * (w0_sq + s * s * ba_sq)).nonzero().squeeze(1)
-        if bad.numel():  # rare: those rows densely, (k, in)
+        bad = (n_sq < CANCELLATION * (w0_sq + s * s * ba_sq)).nonzero().squeeze(1)  # on CUDA: one host sync
+        if bad.numel():  # rare (s·BA as large as W0 and against it): those rows densely, (k, in)
             n[bad] = torch.linalg.vector_norm(base_weight(self.base_layer)[bad] + s * (B[bad] @ A), dim=1)
         return n
 
@@ -130,13 +130,15 @@ class DoRALinear(nn.Module):
         xd = self.lora_dropout(x.to(A.dtype)) if dropout else x.to(A.dtype)  # x̃ (fp32, like the adapters)
         rows = [x, xd, A.detach()] if dropout else [x, A.detach()]
         P = frozen_matmul(self.base_layer, torch.cat([t.to(x.dtype) for t in rows]))  # [x; (x̃;) A] W0ᵀ
-        g = m / self._norm(P[-self.rank:])                      # (out,): m / sg(n), DoRA §4.3
-        z = torch.add(P[N:-self.rank] if dropout else P[:N], self.lora_B(self.lora_A(xd)),
-                      alpha=self.scaling)                       # (N, out) = x̃ (W0 + s·BA)ᵀ, fp32
+        # one split, not slices: each slice's backward would write its gradient into a zeroed P-sized tensor
+        xW, *xdW, AW = P.split([N, N, self.rank] if dropout else [N, self.rank])  # (N, out) ... (r, out)
+        g = m / self._norm(AW)                                  # (out,): m / sg(n), DoRA §4.3
+        base = xdW[0] if dropout else xW                        # x̃ W0ᵀ
+        z = torch.add(base, self.lora_B(self.lora_A(xd)), alpha=self.scaling)  # (N, out) = x̃(W0 + s·BA)ᵀ, fp32
         b = self.base_layer.bias
         b = torch.zeros((), device=z.device) if b is None else b.to(z.dtype)
         if dropout:   # x W0ᵀ + b − x̃ W0ᵀ + g ⊙ z̃  =  y0 + (g − 1) ⊙ x̃W0ᵀ + g ⊙ s·x̃AᵀBᵀ
-            y = torch.addcmul((P[:N] + b) - P[N:-self.rank], g, z)
+            y = torch.addcmul((xW + b) - base, g, z)
         else:         # b + g ⊙ (x W0ᵀ + s·x AᵀBᵀ)  (Eq. 5); autograd keeps z alone, for m's gradient
             y = torch.addcmul(b, g, z)
         return y.to(P.dtype).view(*lead, self.out_features)    # back to the base layer's dtype

@@ -71,7 +71,7 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
 
 
 def add_adapters(model: nn.Module, *, method: str = "lora", rank: int, alpha: float, dropout: float = 0.0,
-                 targets="q_proj", use_rslora: bool = False) -> int:
+                 targets, use_rslora: bool = False) -> int:
     """Wrap the target Linears in LoRA or DoRA adapters (in place), freeze everything else.
 
     Returns the number of trainable parameters, i.e. of the adapters: r·(in + out) per layer, plus

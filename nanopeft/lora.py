@@ -55,10 +55,10 @@ def base_device(base: nn.Module) -> torch.device:
 def base_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W0 (out, in) as a dense tensor: the weight itself, or NF4's dequantized weight.
 
-    NF4 is dequantized in its compute dtype first and only then cast, because that is the W0 the base
-    layer's forward multiplies with (and the one PEFT's DoRA reads through bitsandbytes).
+    NF4 is dequantized in the dtype it was quantized from, then cast: that is what bitsandbytes'
+    `dequantize_4bit` returns, so DoRA's magnitude and norm read exactly the W0 PEFT's QDoRA reads.
     """
-    w = base.dequantize() if isinstance(base, NF4Linear) else base.weight
+    w = base.dequantize(base.weight_dtype) if isinstance(base, NF4Linear) else base.weight
     if w.is_meta:
         raise RuntimeError(f"the base weight of this {type(base).__name__}({base.in_features}, "
                            f"{base.out_features}) is still on the meta device: load the checkpoint first")
@@ -124,8 +124,8 @@ def plain_like(base: nn.Module, weight: torch.Tensor, requantize: bool = False) 
 class LoRALinear(nn.Module):
     """y = base(x) + (α/r)·B A dropout(x), wrapping (never subclassing) a frozen linear layer."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 use_rslora: bool = False):  # the defaults are PEFT's LoraConfig defaults
         super().__init__()
         if not is_linear(base):
             raise TypeError(f"LoRALinear wraps an nn.Linear or NF4Linear, got {type(base).__name__}")

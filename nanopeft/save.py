@@ -122,7 +122,12 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     if meta:
         raise ValueError(f"save_adapter: {meta[:3]} are on the meta device (call init_dora_magnitudes "
                          f"after loading the base weights)")
-    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    seen = set()
+    for k, t in tensors.items():
+        t = tensors[k] = t.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors that share memory
+            t = tensors[k] = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
 
     directory.mkdir(parents=True, exist_ok=True)
     old = directory / CONFIG_NAME
@@ -174,7 +179,7 @@ def _read(directory: Path) -> tuple[dict, dict, set]:
     return cfg, tensors, extra_names
 
 
-def load_adapter(model: nn.Module, directory, *, trainable: bool = False, head: nn.Module | None = None) -> dict:
+def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.Module | None = None) -> dict:
     """Load a PEFT-format adapter into `model` in place (injecting it first if the model has none).
 
     Both key layouts load: transformers 5 (`base_model.model.model.layer.N...`) and 4

@@ -113,7 +113,8 @@ def test_head_and_extra_state_round_trip(tiny_ckpt, tmp_path):
     ckpt, _ = tiny_ckpt(gated=True)
     ours = trained(ckpt, "dora", "q_proj")
     head = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
-    extra = {"scratch.fc.weight": torch.randn(5, 2), "step": torch.tensor(17)}
+    tied = torch.randn(5, 2)
+    extra = {"scratch.fc.weight": tied, "scratch.out.weight": tied, "scratch.row": tied[1], "step": torch.tensor(17)}
     save_adapter(ours, tmp_path, head=head, extra_state=extra)
     back, head2 = load_dinov3(ckpt).eval(), nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
     got = load_adapter(back, tmp_path, head=head2)
