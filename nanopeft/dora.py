@@ -37,8 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .lora import (base_device, base_weight, check_adapter_args, frozen_matmul, is_linear, lora_scaling,
-                   make_dropout, make_lora_pair, plain_like)
+from .lora import base_device, base_weight, frozen_matmul, plain_like, wrap_base
 
 # A row whose squared norm is below this fraction of ‖W0_i‖² + s²‖(BA)_i‖² has lost most of its
 # digits to cancellation in the expanded sum (s·BA pointing against W0): recompute it densely.
@@ -64,15 +63,7 @@ class DoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False):  # the defaults are PEFT's LoraConfig defaults
         super().__init__()
-        if not is_linear(base):
-            raise TypeError(f"DoRALinear wraps an nn.Linear or NF4Linear, got {type(base).__name__}")
-        check_adapter_args(rank, alpha, dropout)
-        self.base_layer = base.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
-        self.scaling = lora_scaling(alpha, rank, use_rslora)
-        self.lora_dropout = make_dropout(dropout)
-        self.lora_A, self.lora_B = make_lora_pair(base, rank)   # A (r, in), B (out, r), fp32
+        wrap_base(self, base, rank, alpha, dropout, use_rslora)  # base_layer, scaling, lora_dropout, lora_A/B
         # m (out,), fp32. PEFT's file key is `<path>.lora_magnitude_vector` (no `.weight`): so is ours.
         self.lora_magnitude_vector = nn.Parameter(
             torch.empty(base.out_features, device=base_device(base), dtype=torch.float32))

@@ -121,21 +121,27 @@ def plain_like(base: nn.Module, weight: torch.Tensor, requantize: bool = False) 
     return out
 
 
+def wrap_base(adapter: nn.Module, base: nn.Module, rank: int, alpha: float, dropout: float,
+              use_rslora: bool) -> None:
+    """What LoRA and DoRA share: the frozen base, the scaling s, the dropout and A (r, in), B (out, r)."""
+    if not is_linear(base):
+        raise TypeError(f"{type(adapter).__name__} wraps an nn.Linear or NF4Linear, got {type(base).__name__}")
+    check_adapter_args(rank, alpha, dropout)
+    adapter.base_layer = base.requires_grad_(False)
+    adapter.in_features, adapter.out_features = base.in_features, base.out_features
+    adapter.rank, adapter.alpha, adapter.use_rslora = rank, alpha, use_rslora
+    adapter.scaling = lora_scaling(alpha, rank, use_rslora)
+    adapter.lora_dropout = make_dropout(dropout)
+    adapter.lora_A, adapter.lora_B = make_lora_pair(base, rank)   # A (r, in), B (out, r), fp32
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + (α/r)·B A dropout(x), wrapping (never subclassing) a frozen linear layer."""
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False):  # the defaults are PEFT's LoraConfig defaults
         super().__init__()
-        if not is_linear(base):
-            raise TypeError(f"LoRALinear wraps an nn.Linear or NF4Linear, got {type(base).__name__}")
-        check_adapter_args(rank, alpha, dropout)
-        self.base_layer = base.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
-        self.scaling = lora_scaling(alpha, rank, use_rslora)
-        self.lora_dropout = make_dropout(dropout)
-        self.lora_A, self.lora_B = make_lora_pair(base, rank)   # A (r, in), B (out, r), fp32
+        wrap_base(self, base, rank, alpha, dropout, use_rslora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)                                  # (..., out) = x W0ᵀ + b, base dtype
