@@ -5,7 +5,8 @@
 
 from .config import PAPER_RUNS, PRESETS, TrainConfig, ViTConfig
 from .model import DINOv3ViT
-from .checkpoint import CheckpointError, load_dinov3
+from .checkpoint import CheckpointError
+from .load import load_dinov3
 from .nf4 import NF4Linear, NF4Weight, quantize_nf4
 from .lora import LoRALinear
 from .dora import DoRALinear

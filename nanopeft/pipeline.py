@@ -71,7 +71,7 @@ def _rope_value(text: str, from_config):
 
 
 def build_backbone(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, meta: bool = False):
-    from .checkpoint import load_dinov3
+    from .load import load_dinov3
 
     if meta:
         with torch.device("meta"):

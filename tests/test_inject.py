@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanopeft.checkpoint import load_dinov3
+from nanopeft.load import load_dinov3
 from nanopeft.config import PRESETS
 from nanopeft.dora import DoRALinear
 from nanopeft.inject import adapter_layers, add_adapters, init_dora_magnitudes, merge_adapters

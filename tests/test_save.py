@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from test_inject import PIXELS, bnb_config, peft_model
 
 import nanopeft.save as save_mod
-from nanopeft.checkpoint import load_dinov3
+from nanopeft.load import load_dinov3
 from nanopeft.inject import adapter_layers, add_adapters
 from nanopeft.save import load_adapter, save_adapter
 
