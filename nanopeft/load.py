@@ -94,7 +94,7 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
     pending_nf4: dict[str, dict[str, torch.Tensor]] = {}
     bar = tqdm(total=len(source.shapes), desc=f"loading {Path(path).name}", unit="tensor",
                disable=(not progress) if progress is not None else len(source.shapes) < 200)
-    for key, t in source.stream():
+    for key, t in source.stream(borrow=True):  # t is valid until the next one: copy what we keep
         bar.update(1)
         module_name, _, leaf = key.rpartition(".")
         if key in nf4_keys:  # pre-quantized bnb state: small, kept until its module is complete
@@ -110,7 +110,7 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
             model.set_submodule(module_name, q)
             continue
         target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        _set_tensor(model, key, t.to(device=device, dtype=target))
+        _set_tensor(model, key, t.to(device=device, dtype=target, copy=True))
     bar.close()
     for name, sd in pending_nf4.items():
         layer = model.get_submodule(name)

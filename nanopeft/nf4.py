@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -96,10 +97,12 @@ def _tables(device: torch.device) -> _Tables:
     return _TABLES[device] if device in _TABLES else _TABLES.setdefault(device, _Tables(device))
 
 
-def _chunk(device: torch.device) -> int:
-    """Values per step of the blockwise loops. CPU: a step's temporaries stay in cache, yet a step is
-    big enough to amortise the threads' fork/join (2^15 is 3-10x slower on 2 threads). Else: few launches."""
-    return 1 << 17 if device.type == "cpu" else 1 << 24
+def _chunk(device: torch.device, cpu_log2: int) -> int:
+    """Values per step of the blockwise loops. CPU: 2^cpu_log2, big enough to amortise each step's
+    ~20 op dispatches and the threads' fork/join, small enough that the step's temporaries stay in
+    cache (2 threads, 4096x8192: dequantize is best at 2^17, quantize at 2^19: 76 ms, 89 at 2^17,
+    173 at 2^15). Elsewhere: few launches."""
+    return 1 << cpu_log2 if device.type == "cpu" else 1 << 24
 
 
 @dataclass
@@ -166,7 +169,7 @@ def _dequantize_blocks(codes: torch.Tensor, c: torch.Tensor, out: torch.Tensor, 
     if torch.compiler.is_compiling():  # torch.compile fuses the plain formula into one loop
         out.view(-1, bs).copy_(lut2.view(torch.float32).view(256, 2)[codes.long()].view(-1, bs) * c[:, None])
         return
-    per = max(1, _chunk(codes.device) // bs)                     # blocks per step
+    per = max(1, _chunk(codes.device, 17) // bs)                     # blocks per step
     idx = torch.empty(min(per, c.numel()) * bs // 2, dtype=torch.int32, device=codes.device)
     pairs = torch.empty_like(idx, dtype=torch.int64)
     for q, cb, o in zip(codes.split(per * bs // 2), c.view(-1, 1).split(per), out.view(-1, bs).split(per)):
@@ -210,8 +213,10 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
         w.offset = c.mean()
         if not torch.isfinite(w.offset):  # bitsandbytes silently returns NaNs here
             raise ValueError(f"{what}: mean absmax overflows float32; use double_quant=False")
-        w.absmax, w.nested_absmax = _quantize_dynamic8(c - w.offset, T)
-        w.nested_quant_map = T.dyn.clone()
+        k, c2 = _quantize_dynamic8(c - w.offset, T)
+        # clones made once the temporaries are freed: they fill a hole in the heap instead of pinning
+        # one between temporaries (the 7B's load kept ~0.5 GB of such holes)
+        w.absmax, w.nested_absmax, w.nested_quant_map = k.clone(), c2.clone(), T.dyn.clone()
     return w
 
 
@@ -221,15 +226,28 @@ def _check_finite(c: torch.Tensor, x: torch.Tensor, what: str) -> None:
                          f"NF4 cannot quantize them")
 
 
+_WORK = threading.local()  # per thread: {device: quantize's step buffers}, see _workspace
+
+
+def _workspace(dev: torch.device, m: int) -> tuple[torch.Tensor, ...]:
+    """The step temporaries of _quantize_blocks, m values each (24 bytes per value: 12 MiB at 2^19),
+    kept between calls. Allocated per call, they leave holes in the heap that the small long-lived
+    NF4 tensors of each layer then pin: the 7B's quantize-on-load grew ~0.8 GB above its model size."""
+    bufs = _WORK.__dict__.setdefault("bufs", {})
+    if dev not in bufs or bufs[dev][0].numel() < m:
+        f32, i32 = dict(device=dev), dict(dtype=torch.int32, device=dev)
+        bufs[dev] = (torch.empty(m, **f32), torch.empty(m, **f32), torch.empty(m, **i32), torch.empty(m, **i32),
+                     torch.empty(m, dtype=torch.int64, device=dev))  # s, xf, cell, q, pair
+    return tuple(b[:m] for b in bufs[dev])
+
+
 def _quantize_blocks(x: torch.Tensor, bs: int, packed: torch.Tensor, c: torch.Tensor, what: str,
                      whole: torch.Tensor) -> None:
     """Whole blocks: c_b = max|x| and q_i = #{mid < x_i/c_b}, two codes per byte, high nibble first."""
     T, dev = _tables(x.device), x.device
-    per = max(1, _chunk(dev) // bs)
+    per = max(1, _chunk(dev, 19) // bs)
     m = min(per, c.numel()) * bs
-    s, xf = torch.empty(m, device=dev), torch.empty(m, device=dev)  # per-step temporaries, reused
-    cell, q = torch.empty(m, dtype=torch.int32, device=dev), torch.empty(m, dtype=torch.int32, device=dev)
-    pair = torch.empty(m, dtype=torch.int64, device=dev)
+    s, xf, cell, q, pair = _workspace(dev, m)
     for xs, cs, ps in zip(x.split(per * bs), c.split(per), packed.split(per * bs // 2)):
         k = xs.numel()
         xb = (xs if xs.dtype == torch.float32 else xf[:k].copy_(xs)).view(-1, bs)  # (blocks, bs) fp32

@@ -74,7 +74,7 @@ def test_bit_exact_with_bitsandbytes(shape, dtype, double_quant):
 @pytest.mark.parametrize("chunk,rows", [(64, 300), (192, 300), (1 << 17, 1100)])
 def test_chunked_loops_are_exact(monkeypatch, chunk, rows):
     """The CPU loops work in steps of _chunk values: several steps and a short last one change nothing."""
-    monkeypatch.setattr(nf4, "_chunk", lambda device: chunk)
+    monkeypatch.setattr(nf4, "_chunk", lambda device, cpu_log2: chunk)
     torch.manual_seed(0)
     for dtype in DTYPES:
         assert_equals_bnb(torch.randn(rows, 128, dtype=dtype), True)  # 600 / 2200 blocks: 3 / 9 nested
