@@ -71,18 +71,24 @@ class _Tables:
         # dequantize: byte → (NF4[hi], NF4[lo]) as one 8-byte item, so one gather yields two values
         b = torch.arange(256)
         self.lut2 = torch.stack([nf4[b >> 4], nf4[b & 15]], 1).contiguous().view(torch.int64).view(256)
-        # quantize: cell j = trunc(4096·x) holds at most one threshold t, so q = base[j] + (4096·x > t).
-        # Exact, unlike binning x directly: 4096·x = x·(4096/c) is a power-of-two rescale of bnb's x·(1/c).
+        # quantize: t = 4096·x/c is exact (x·(4096/c) is a power-of-two rescale of bnb's x·(1/c)), and
+        # each cell j = trunc(t) holds at most one threshold τ. One fp32 per cell then gives the code
+        #     q = trunc(A[j] + t/4)      A[j] = b + 1 − τ⁺/4       cell with τ  (τ⁺: next float above τ)
+        #                                A[j] = b + ½ − centre/4   cell without (v stays in [b+¼, b+¾])
+        # b = #thresholds below the cell. With τ: t > τ ⇔ t ≥ τ⁺ ⇔ v ≥ b + 1, so a tie t = τ goes down;
+        # no rounding happens there, as |t| > 128 makes t − τ⁺ a multiple of 2^-16 and |v| < 32.
         j = torch.arange(-_CELL, _CELL + 1, dtype=torch.float64)[:, None]      # (8193, 1)
-        t = (self.mid * _CELL).double()[None, :]                                # (1, 15), exact
+        tau = self.mid * _CELL                                                  # (15,) fp32, exact
+        t = tau.double()[None, :]                                               # (1, 15)
         pos = j > 0                              # cell j holds [j, j+1) if j > 0, (j-1, j] if j < 0, (-1, 1) if 0
         lo, hi = torch.where(pos, j, j - 1), torch.where(pos, j + 1, torch.where(j < 0, j, 1.0))
-        below = torch.where(pos, t < lo, t <= lo)                               # counted for every x in the cell
-        inside = torch.where(pos, (lo <= t) & (t < hi), (lo < t) & (t < hi))   # counted iff 4096·x > t
-        assert int(inside.sum(1).max()) <= 1
-        thr = torch.where(inside, t, math.inf).amin(1).float()                  # +inf: no threshold here
-        cells = torch.stack([below.sum(1).int(), thr.view(torch.int32)], 1)    # (8193, 2)
-        self.cells = cells.contiguous().view(torch.int64).view(-1)  # one gather → (base, threshold)
+        below = torch.where(pos, t < lo, t <= lo).sum(1).double()              # (8193,)
+        inside = torch.where(pos, (lo <= t) & (t < hi), (lo < t) & (t < hi))   # (8193, 15), ≤ 1 per row
+        assert int(inside.sum(1).max()) <= 1 and float(tau.abs().min()) >= 128
+        tau_up = torch.nextafter(tau, torch.tensor(math.inf)).double()[None, :]
+        a = torch.where(inside.any(1), below + 1 - (inside * tau_up).sum(1) / 4, below + 0.5 - (lo + hi)[:, 0] / 8)
+        self.qcell = a.float()                                                  # (8193,) fp32
+        assert torch.equal(self.qcell[inside.any(1)].double(), a[inside.any(1)])  # exact where it matters
         # bnb's CPU 8-bit quantizer: code = LUT[round((v + 1)/2 · 65535)], LUT[i] = #{mid < -1 + 2i/65535}
         grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
         self.dyn_lut = torch.searchsorted(0.5 * (self.dyn[:-1] + self.dyn[1:]), grid).to(torch.uint8)
@@ -230,14 +236,13 @@ _WORK = threading.local()  # per thread: {device: quantize's step buffers}, see 
 
 
 def _workspace(dev: torch.device, m: int) -> tuple[torch.Tensor, ...]:
-    """The step temporaries of _quantize_blocks, m values each (24 bytes per value: 12 MiB at 2^19),
+    """The step temporaries of _quantize_blocks, m values each (17 bytes per value: 8.5 MiB at 2^19),
     kept between calls. Allocated per call, they leave holes in the heap that the small long-lived
     NF4 tensors of each layer then pin: the 7B's quantize-on-load grew ~0.8 GB above its model size."""
     bufs = _WORK.__dict__.setdefault("bufs", {})
     if dev not in bufs or bufs[dev][0].numel() < m:
-        f32, i32 = dict(device=dev), dict(dtype=torch.int32, device=dev)
-        bufs[dev] = (torch.empty(m, **f32), torch.empty(m, **f32), torch.empty(m, **i32), torch.empty(m, **i32),
-                     torch.empty(m, dtype=torch.int64, device=dev))  # s, xf, cell, q, pair
+        bufs[dev] = tuple(torch.empty(m, dtype=d, device=dev) for d in  # s, xf, cell, v, q
+                          (torch.float32, torch.float32, torch.int32, torch.float32, torch.uint8))
     return tuple(b[:m] for b in bufs[dev])
 
 
@@ -247,7 +252,7 @@ def _quantize_blocks(x: torch.Tensor, bs: int, packed: torch.Tensor, c: torch.Te
     T, dev = _tables(x.device), x.device
     per = max(1, _chunk(dev, 19) // bs)
     m = min(per, c.numel()) * bs
-    s, xf, cell, q, pair = _workspace(dev, m)
+    s, xf, cell, v, q = _workspace(dev, m)
     for xs, cs, ps in zip(x.split(per * bs), c.split(per), packed.split(per * bs // 2)):
         k = xs.numel()
         xb = (xs if xs.dtype == torch.float32 else xf[:k].copy_(xs)).view(-1, bs)  # (blocks, bs) fp32
@@ -257,8 +262,8 @@ def _quantize_blocks(x: torch.Tensor, bs: int, packed: torch.Tensor, c: torch.Te
         r = torch.where(cs >= _TINY, r * _CELL, 0.0)              # tiny (or zero) blocks: fixed below
         t = torch.mul(xb, r[:, None], out=s[:k].view(-1, bs)).view(-1)  # 4096·x/c, exactly
         j = cell[:k].copy_(t).add_(_CELL)                          # cell index trunc(t) + 4096
-        bt = torch.index_select(T.cells, 0, j, out=pair[:k]).view(torch.int32).view(-1, 2)
-        qk = torch.add(bt[:, 0], torch.gt(t, bt[:, 1].view(torch.float32)), out=q[:k]).view(-1, 2)
+        vk = torch.index_select(T.qcell, 0, j, out=v[:k]).add_(t, alpha=0.25)  # A[j] + t/4, exactly
+        qk = q[:k].copy_(vk).view(-1, 2)                           # q = trunc(A[j] + t/4) (see _Tables)
         torch.add(qk[:, 1], qk[:, 0], alpha=16, out=ps)           # byte = 16·q_2i + q_2i+1
     tiny = ((c > 0) & (c < _TINY)).nonzero().view(-1)            # denormal-scale blocks: rare
     if tiny.numel():
