@@ -4,7 +4,7 @@
     folder/model.safetensors | shards + index.json       ─► SafetensorsSource  (header parsed, no data read)
     Meta's original .pth                                 ─► PthSource          (keys mapped to the hub's)
     source.shapes  : {key: shape}, checked by load.py before any weight is read
-    source.stream(): (key, tensor) one at a time (borrow=True: in two reused buffers)
+    source.stream(): (key, tensor) one at a time (borrow=True: in one reused buffer)
 
 Key layouts and the Meta → hub mapping: dinov3.md §3. Errors name the file and the key at fault.
 """
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import queue
 import re
-import threading
 from pathlib import Path
 
 import torch
@@ -136,20 +134,25 @@ class SafetensorsSource:
     def file_of(self, key: str) -> str:
         return str(self.where[key][0])
 
-    def _read_all(self, slots: queue.Queue, stop: threading.Event):
-        """(key, tensor, slot) in file order. Each tensor takes a slot from `slots` first: a reused
-        buffer (borrow mode) or None (fresh memory). Waiting for a slot is the flow control."""
+    def stream(self, borrow: bool = False):
+        """(key, tensor) in file order, read with plain file reads in the caller's thread. The kernel's
+        readahead already streams a sequential file; a reader thread (tried) only made 3 threads
+        contend for 2 cores, and on a small VM reading is CPU work too (copies, page-cache inserts).
+
+        borrow=True: every tensor lives in one reused buffer, valid only until the caller asks for the
+        next (copy what you keep). That saves a page fault per 4 KiB of checkpoint: on a small VM,
+        faulting 13 GB of fresh memory in costs seconds of CPU. Without borrow, each tensor is fresh memory."""
+        nbytes = max((math.prod(i["shape"]) * ST_DTYPES[i["dtype"]].itemsize
+                      for h, _ in self.headers.values() for i in h.values()), default=0)
+        reused = torch.empty(nbytes, dtype=torch.uint8) if borrow else None
         for f in self.files:
             header, start = self.headers[f]
             with open(f, "rb", buffering=0) as fh:
                 for k, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                     begin, end = info["data_offsets"]
                     dtype, shape, size = ST_DTYPES[info["dtype"]], info["shape"], end - begin
-                    slot = _get(slots, stop)
-                    if stop.is_set():
-                        return
                     # torch.empty, not bytearray(size): that would zero-fill 13 GB before reading over it
-                    buf = slot[:size] if slot is not None else torch.empty(size, dtype=torch.uint8)
+                    buf = reused[:size] if borrow else torch.empty(size, dtype=torch.uint8)
                     fh.seek(start + begin)
                     view, got = memoryview(buf.numpy()), 0
                     while got < size:  # readinto may return short reads
@@ -157,55 +160,7 @@ class SafetensorsSource:
                         if not r:
                             raise CheckpointError(f"{f}: unexpected end of file in key {k!r}")
                         got += r
-                    yield k.removeprefix("model."), buf.view(dtype).reshape(shape), slot
-
-    def stream(self, borrow: bool = False):
-        """(key, tensor) in file order. A reader thread reads the next tensor while the caller works on
-        this one (file reads release the GIL).
-
-        borrow=True: the tensors live in two buffers that are reused, so each is valid only until the
-        caller asks for the next one (copy what you keep). That saves a page fault per 4 KiB of the
-        checkpoint: on a 2-core machine, faulting 13 GB of fresh memory in costs seconds of CPU that
-        quantization needs. Without borrow, every tensor is fresh memory the caller may keep."""
-        nbytes = max((math.prod(i["shape"]) * ST_DTYPES[i["dtype"]].itemsize
-                      for h, _ in self.headers.values() for i in h.values()), default=0)
-        slots: queue.Queue = queue.Queue()  # two tokens: one tensor being read, one being used
-        for _ in range(2):
-            slots.put(torch.empty(nbytes, dtype=torch.uint8) if borrow else None)
-        ready: queue.Queue = queue.Queue()
-        stop = threading.Event()
-
-        def reader():
-            try:
-                for item in self._read_all(slots, stop):
-                    ready.put(item)
-                ready.put(None)
-            except BaseException as e:  # surfaced in the consumer, with its message
-                ready.put(e)
-
-        thread = threading.Thread(target=reader, daemon=True)
-        thread.start()
-        try:
-            while (item := ready.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                key, t, slot = item
-                yield key, t
-                del t
-                slots.put(slot)  # the caller is back: its tensor's buffer may be read over
-        finally:
-            stop.set()
-            thread.join()
-
-
-def _get(q: queue.Queue, stop: threading.Event):
-    """q.get(), giving up once `stop` is set (the consumer stopped early, e.g. on an error)."""
-    while not stop.is_set():
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            pass
-    return None
+                    yield k.removeprefix("model."), buf.view(dtype).reshape(shape)
 
 
 class PthSource:

@@ -194,8 +194,6 @@ def test_missing_paths_and_configs(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("borrow", [False, True])
 def test_stream_reads_every_tensor(tiny_ckpt, borrow):
-    import threading
-
     from nanopeft.checkpoint import open_checkpoint
 
     folder, _ = tiny_ckpt(dtype=torch.bfloat16, sharded=True)
@@ -208,13 +206,8 @@ def test_stream_reads_every_tensor(tiny_ckpt, borrow):
         got[key] = t.clone() if borrow else t  # a borrowed tensor is valid until the next one
         storages.add(t.untyped_storage().data_ptr())
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
-    # borrow: everything passed through the same two buffers; else each tensor is its own memory
-    assert len(storages) == (2 if borrow else len(want))
-    before = threading.active_count()
-    for i, _ in enumerate(source.stream(borrow=borrow)):  # stopping early ends the reader thread
-        if i == 2:
-            break
-    assert threading.active_count() == before
+    # borrow: everything passed through one buffer; else each tensor is its own memory
+    assert len(storages) == (1 if borrow else len(want))
 
 
 def test_load_to_dtype_and_device_and_no_mmap_views(tiny_ckpt):
