@@ -106,8 +106,8 @@ def _tables(device: torch.device) -> _Tables:
 def _chunk(device: torch.device, cpu_log2: int) -> int:
     """Values per step of the blockwise loops. CPU: 2^cpu_log2, big enough to amortise each step's
     ~20 op dispatches and the threads' fork/join, small enough that the step's temporaries stay in
-    cache (2 threads, 4096x8192: dequantize is best at 2^17, quantize at 2^19: 76 ms, 89 at 2^17,
-    173 at 2^15). Elsewhere: few launches."""
+    cache (2 threads, 4096x8192: dequantize is best at 2^17; quantize takes 119 ms at 2^15, 66 at
+    2^17, 62 at 2^19 and no less above). Elsewhere: few launches."""
     return 1 << cpu_log2 if device.type == "cpu" else 1 << 24
 
 
@@ -239,10 +239,12 @@ def _workspace(dev: torch.device, m: int) -> tuple[torch.Tensor, ...]:
     """The step temporaries of _quantize_blocks, m values each (17 bytes per value: 8.5 MiB at 2^19),
     kept between calls. Allocated per call, they leave holes in the heap that the small long-lived
     NF4 tensors of each layer then pin: the 7B's quantize-on-load grew ~0.8 GB above its model size."""
+    dtypes = (torch.float32, torch.float32, torch.int32, torch.float32, torch.uint8)  # s, xf, cell, v, q
+    if dev.type != "cpu":  # CUDA's caching allocator already reuses blocks; keeping 285 MB would not
+        return tuple(torch.empty(m, dtype=d, device=dev) for d in dtypes)
     bufs = _WORK.__dict__.setdefault("bufs", {})
     if dev not in bufs or bufs[dev][0].numel() < m:
-        bufs[dev] = tuple(torch.empty(m, dtype=d, device=dev) for d in  # s, xf, cell, v, q
-                          (torch.float32, torch.float32, torch.int32, torch.float32, torch.uint8))
+        bufs[dev] = tuple(torch.empty(m, dtype=d, device=dev) for d in dtypes)
     return tuple(b[:m] for b in bufs[dev])
 
 
