@@ -6,7 +6,7 @@
    key names and shapes (6,716,035,072 parameters; random values: they change neither the I/O nor
    the quantization cost).
 2. Each row in a fresh process:
-   read      every byte of the shards with plain reads into one buffer: the I/O floor;
+   read      every byte of the shards, read as the loader reads (O_DIRECT where possible): the I/O floor;
    quantize  the 280 Linear weights' shapes, quantized from memory (bf16, random) and kept: the CPU floor;
    nanopeft  `load_dinov3(ckpt, quantize="nf4")`, sampling RSS every 0.1 s.
    Targets (issue "NF4"): peak RSS ≤ 1.3 × the NF4 model's size; load time dominated by reading.
@@ -96,13 +96,16 @@ class RssSampler(threading.Thread):
 
 def child(ckpt: Path, which: str) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
-    if which == "read":  # the I/O floor: every byte of every shard, plain reads
-        t0, n = time.perf_counter(), 0
-        buf = bytearray(64 << 20)
+    if which == "read":  # the I/O floor: every byte of every shard, read the way the loader reads
+        from nanopeft.checkpoint import _aligned_buffer, _Reader
+
+        t0, n, step = time.perf_counter(), 0, 64 << 20
+        buf = _aligned_buffer(step)
         for f in sorted(ckpt.glob("*.safetensors")):
-            with open(f, "rb", buffering=0) as fh:
-                while r := fh.readinto(buf):
-                    n += r
+            size = f.stat().st_size
+            with _Reader(f) as r:  # O_DIRECT where the filesystem allows it, like load_dinov3
+                for off in range(0, size, step):
+                    n += r.read(buf, off, min(step, size - off), "-").numel()
         return {"read_s": time.perf_counter() - t0, "bytes": n}
     if which == "quantize":  # the CPU floor: the same quantization, no file, outputs kept like a model's
         from nanopeft.checkpoint import open_checkpoint

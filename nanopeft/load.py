@@ -94,7 +94,7 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
     pending_nf4: dict[str, dict[str, torch.Tensor]] = {}
     bar = tqdm(total=len(source.shapes), desc=f"loading {Path(path).name}", unit="tensor",
                disable=(not progress) if progress is not None else len(source.shapes) < 200)
-    for key, t in source.stream(borrow=True):  # t is valid until the next one: copy what we keep
+    for key, t in source.stream():  # t is valid until the next one: copy what we keep
         bar.update(1)
         module_name, _, leaf = key.rpartition(".")
         if key in nf4_keys:  # pre-quantized bnb state: small, kept until its module is complete

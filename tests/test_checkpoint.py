@@ -192,22 +192,50 @@ def test_missing_paths_and_configs(tiny_ckpt, tmp_path):
         load_dinov3(folder, quantize="int8")
 
 
-@pytest.mark.parametrize("borrow", [False, True])
-def test_stream_reads_every_tensor(tiny_ckpt, borrow):
-    from nanopeft.checkpoint import open_checkpoint
+@pytest.mark.parametrize("direct", [True, False])
+def test_stream_reads_every_tensor(tiny_ckpt, monkeypatch, direct):
+    import threading
 
+    from nanopeft import checkpoint
+
+    monkeypatch.setattr(checkpoint, "DIRECT_IO", direct)  # O_DIRECT (the default on Linux) or the page cache
     folder, _ = tiny_ckpt(dtype=torch.bfloat16, sharded=True)
     want = {}
     for f in sorted(folder.glob("model-*.safetensors")):
         want |= load_file(f)
-    source, _, _ = open_checkpoint(folder)
+    source, _, _ = checkpoint.open_checkpoint(folder)
     got, storages = {}, set()
-    for key, t in source.stream(borrow=borrow):
-        got[key] = t.clone() if borrow else t  # a borrowed tensor is valid until the next one
+    for key, t in source.stream():
+        got[key] = t.clone()  # a borrowed tensor is valid until the next one
         storages.add(t.untyped_storage().data_ptr())
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
-    # borrow: everything passed through one buffer; else each tensor is its own memory
-    assert len(storages) == (1 if borrow else len(want))
+    assert len(storages) == 3  # everything passed through the same three buffers
+    before = threading.active_count()
+    for i, _ in enumerate(source.stream()):  # stopping early ends the reader thread
+        if i == 2:
+            break
+    assert threading.active_count() == before
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "O_DIRECT"), reason="no O_DIRECT on this OS")
+def test_direct_reads_fall_back_where_refused(tiny_ckpt, monkeypatch):
+    """A filesystem without O_DIRECT (tmpfs refuses the open, some refuse the read) reads buffered."""
+    import errno
+    import fcntl
+    import os
+
+    folder, _ = tiny_ckpt()
+    real_readv, refused = os.readv, []
+
+    def readv(fd, bufs):  # EINVAL on direct descriptors, as such a filesystem does
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_readv(fd, bufs)
+
+    monkeypatch.setattr(os, "readv", readv)
+    assert (run(load_dinov3(folder)) - reference(folder)).abs().max() <= 1e-5
+    assert refused  # the direct read was tried, refused, and the load still matches
 
 
 def test_load_to_dtype_and_device_and_no_mmap_views(tiny_ckpt):
