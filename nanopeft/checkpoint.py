@@ -150,8 +150,10 @@ class SafetensorsSource:
         a page fault per 4 KiB of checkpoint."""
         sizes = [_span(start + i["data_offsets"][0], i["data_offsets"][1] - i["data_offsets"][0])[1]
                  for h, start in self.headers.values() for i in h.values()]
-        slots: queue.Queue = queue.Queue()  # one buffer being used, two being read ahead: one ahead
-        for _ in range(3):                   # left the caller waiting 6-8 s of a 7B load, two ahead 2 s
+        # three buffers: one with the caller, two being read ahead (with one ahead, the caller of a 7B
+        # load waited 6-8 s for reads; with two, ~2 s)
+        slots: queue.Queue = queue.Queue()
+        for _ in range(3):
             slots.put(_aligned_buffer(max(sizes, default=0)))
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -218,11 +220,13 @@ class _Reader:
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
 
     def _open(self):
         if self.fd is not None:
             os.close(self.fd)
+            self.fd = None
         try:
             self.fd = os.open(self.f, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
         except OSError:
