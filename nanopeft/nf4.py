@@ -334,3 +334,6 @@ def nf4_from_state_dict(d: dict[str, torch.Tensor], what: str = "weight") -> NF4
 
 # The layer built on these primitives lives in nf4_linear.py; importable from here too.
 from .nf4_linear import NF4Linear, NF4Matmul, nf4_nbytes  # noqa: E402  (after the names it imports)
+
+__all__ = ["NF4Weight", "quantize_nf4", "nf4_state_dict", "nf4_from_state_dict", "dynamic_map", "NF4_CODES",
+           "NF4Linear", "NF4Matmul", "nf4_nbytes"]
