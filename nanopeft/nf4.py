@@ -183,10 +183,7 @@ def _dequantize_blocks(codes: torch.Tensor, c: torch.Tensor, out: torch.Tensor, 
         i.copy_(q)                                               # gather needs int indices
         torch.index_select(lut2, 0, i, out=p)                    # (k,) int64 = (k, 2) fp32 codes
         v = p.view(torch.float32).view(-1, bs)                   # (blocks, bs)
-        if o.dtype == torch.float32:
-            torch.mul(v, cb, out=o)                              # Ŵ = NF4[q]·c (Eq. 6)
-        else:
-            o.copy_(v.mul_(cb))                                  # fp32 product, rounded once to bf16/fp16
+        torch.mul(v, cb, out=o)  # Ŵ = NF4[q]·c (Eq. 6), an fp32 product rounded once to o's dtype
 
 
 @torch.no_grad()
