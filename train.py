@@ -382,7 +382,8 @@ def main(argv=None) -> dict:
         say(f"evaluate: python eval.py --run {out} --data {test_dir}")
         log.close()
         metrics.close()
-    if world > 1:
+    if world > 1:  # leave together: rank 0 may still be writing files, and a rank that tears gloo
+        torch.distributed.barrier()  # down while its peer is busy can abort ("terminate called ...")
         torch.distributed.destroy_process_group()
     return summary
 
