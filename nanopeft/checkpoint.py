@@ -145,7 +145,7 @@ class SafetensorsSource:
 
         Reads go around the page cache (O_DIRECT) where the OS and filesystem allow it: the disk DMAs
         straight into our buffer, so reading costs almost no CPU and overlaps quantization fully
-        (13.4 GB: 7 s and 0.3 s of CPU on the 2-core VM, against 10-25 s of kernel time through the
+        (13.4 GB: 7 s and 0.3 s of CPU on the 2-core VM, against 5-25 s of kernel time through the
         page cache, which then competed with quantization for the 2 cores). Reused buffers also save
         a page fault per 4 KiB of checkpoint."""
         sizes = [_span(start + i["data_offsets"][0], i["data_offsets"][1] - i["data_offsets"][0])[1]
