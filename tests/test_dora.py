@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from test_lora import ALPHA, IN, OUT, R, close, copy_from_peft, make_bnb4, make_linear, peft_layer
+from test_lora import (ALPHA, IN, OUT, R, assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4,
+                       make_linear, peft_layer)
 
 from nanopeft.dora import DoRALinear
 from nanopeft.nf4 import NF4Linear
@@ -46,17 +47,7 @@ def test_forward_and_grads_equal_peft(dropout, rslora):
     theirs = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
               layer.lora_magnitude_vector["default"].weight]
     mine = [ours.lora_A.weight, ours.lora_B.weight, ours.lora_magnitude_vector]
-    for training in (False, True):
-        pm.train(training), ours.train(training)
-        torch.manual_seed(123)
-        y_ref = pm(x)
-        torch.manual_seed(123)  # the same dropout mask
-        y = ours(x)
-        assert torch.allclose(y, y_ref, atol=1e-6, rtol=0), (y - y_ref).abs().max()
-        g_ref = torch.autograd.grad(y_ref.square().sum(), [x] + theirs)
-        g = torch.autograd.grad(y.square().sum(), [x] + mine)
-        for a, b in zip(g, g_ref):
-            assert close(a, b), (a - b).abs().max()
+    assert_outputs_and_grads_equal(pm, ours, x, theirs, mine)
 
 
 def test_dropout_only_reaches_the_rescaling_and_lora_terms():

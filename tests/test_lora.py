@@ -77,6 +77,21 @@ def twin(base, dropout=0.0, rslora=False):
     return pm, layer, copy_from_peft(LoRALinear(copy.deepcopy(base), R, ALPHA, dropout, rslora), layer)
 
 
+def assert_outputs_and_grads_equal(pm, ours, x, theirs, mine):
+    """Eval and train mode (the same dropout mask): outputs, and gradients of x and the adapter tensors."""
+    for training in (False, True):
+        pm.train(training), ours.train(training)
+        torch.manual_seed(123)
+        y_ref = pm(x)
+        torch.manual_seed(123)  # the same dropout mask
+        y = ours(x)
+        assert torch.allclose(y, y_ref, atol=1e-6, rtol=0), (y - y_ref).abs().max()
+        g_ref = torch.autograd.grad(y_ref.square().sum(), [x] + theirs)
+        g = torch.autograd.grad(y.square().sum(), [x] + mine)
+        for a, b in zip(g, g_ref):
+            assert close(a, b), (a - b).abs().max()
+
+
 def test_init_is_kaiming_uniform_and_zero_b_so_step0_is_the_base():
     base = make_linear()
     torch.manual_seed(1)
@@ -100,18 +115,8 @@ def test_forward_and_grads_equal_peft(dropout, rslora):
     pm, layer, ours = twin(base, dropout, rslora)
     assert ours.scaling == layer.scaling["default"]
     x = torch.randn(3, 7, IN, requires_grad=True)
-    for training in (False, True):
-        pm.train(training), ours.train(training)
-        torch.manual_seed(123)
-        y_ref = pm(x)
-        torch.manual_seed(123)  # the same dropout mask
-        y = ours(x)
-        assert torch.allclose(y, y_ref, atol=1e-6, rtol=0), (y - y_ref).abs().max()
-        g_ref = torch.autograd.grad(y_ref.square().sum(), [x, layer.lora_A["default"].weight,
-                                                          layer.lora_B["default"].weight])
-        g = torch.autograd.grad(y.square().sum(), [x, ours.lora_A.weight, ours.lora_B.weight])
-        for a, b in zip(g, g_ref):
-            assert close(a, b), (a - b).abs().max()
+    assert_outputs_and_grads_equal(pm, ours, x, [layer.lora_A["default"].weight, layer.lora_B["default"].weight],
+                                   [ours.lora_A.weight, ours.lora_B.weight])
     if dropout:  # the mask really is applied in train mode, and only there
         ours.train()
         assert not torch.equal(ours(x), ours(x))
