@@ -229,20 +229,27 @@ def _check_finite(c: torch.Tensor, x: torch.Tensor, what: str) -> None:
                          f"NF4 cannot quantize them")
 
 
-_WORK = threading.local()  # per thread: {device: quantize's step buffers}, see _workspace
+_BUFS = threading.local()  # per thread: {(name, dtype, device): buffer}, see reused_buffer
+
+
+def reused_buffer(name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat per-thread buffer of n elements, kept between calls and grown when too small. On CPU,
+    fresh temporaries cost page faults (above glibc's mmap threshold) or heap holes (below it, pinned
+    by the small long-lived NF4 tensors of each layer: the 7B's load grew ~0.8 GB above its model)."""
+    bufs, key = _BUFS.__dict__.setdefault("bufs", {}), (name, dtype, device)
+    if key not in bufs or bufs[key].numel() < n:
+        bufs[key] = None  # free the old one before allocating the bigger one
+        bufs[key] = torch.empty(n, dtype=dtype, device=device)
+    return bufs[key][:n]
 
 
 def _workspace(dev: torch.device, m: int) -> tuple[torch.Tensor, ...]:
-    """The step temporaries of _quantize_blocks, m values each (17 bytes per value: 8.5 MiB at 2^19),
-    kept between calls. Allocated per call, they leave holes in the heap that the small long-lived
-    NF4 tensors of each layer then pin: the 7B's quantize-on-load grew ~0.8 GB above its model size."""
-    dtypes = (torch.float32, torch.float32, torch.int32, torch.float32, torch.uint8)  # s, xf, cell, v, q
-    if dev.type != "cpu":  # CUDA's caching allocator already reuses blocks; keeping 285 MB would not
-        return tuple(torch.empty(m, dtype=d, device=dev) for d in dtypes)
-    bufs = _WORK.__dict__.setdefault("bufs", {})
-    if dev not in bufs or bufs[dev][0].numel() < m:
-        bufs[dev] = tuple(torch.empty(m, dtype=d, device=dev) for d in dtypes)
-    return tuple(b[:m] for b in bufs[dev])
+    """The step temporaries of _quantize_blocks, m values each (17 bytes per value: 8.5 MiB at 2^19);
+    kept between calls on CPU (CUDA's caching allocator already reuses blocks)."""
+    dtypes = {"s": torch.float32, "xf": torch.float32, "cell": torch.int32, "v": torch.float32, "q": torch.uint8}
+    if dev.type != "cpu":
+        return tuple(torch.empty(m, dtype=d, device=dev) for d in dtypes.values())
+    return tuple(reused_buffer(f"quantize.{k}", m, d, dev) for k, d in dtypes.items())
 
 
 def _quantize_blocks(x: torch.Tensor, bs: int, packed: torch.Tensor, c: torch.Tensor, what: str,

@@ -10,7 +10,6 @@ checkpoint saved pre-quantized by transformers + bitsandbytes loads into it as i
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 
 import torch
@@ -18,9 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nf4 import (NESTED_BLOCKSIZE, NESTED_KEYS, NF4_CODES, QS_KEY, NF4Weight, _json, dynamic_map,
-                  nf4_from_state_dict, nf4_state_dict, quantize_nf4)
-
-_SCRATCH = threading.local()  # per thread: {dtype: flat buffer}, see _scratch
+                  nf4_from_state_dict, nf4_state_dict, quantize_nf4, reused_buffer)
 
 
 def _scratch(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
@@ -29,11 +26,7 @@ def _scratch(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
     dequantize itself (8192x4096 bf16: 34 ms fresh, 20 ms reused). Holds the largest Ŵ per dtype."""
     if w.packed.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
-    if bufs.get(dtype) is None or bufs[dtype].numel() < w.numel:
-        bufs[dtype] = None  # free the old one before allocating the bigger one
-        bufs[dtype] = torch.empty(w.numel, dtype=dtype)
-    return bufs[dtype][: w.numel].view(w.shape)
+    return reused_buffer("nf4_linear.w", w.numel, dtype, w.packed.device).view(w.shape)
 
 
 class NF4Matmul(torch.autograd.Function):
