@@ -282,9 +282,11 @@ class PthSource:
     def file_of(self, key: str) -> str:
         return str(self.file)
 
-    def stream(self):  # fresh tensors (clones): no view into the mmap outlives the loop
-        for mk in list(self.sd):  # pop: drop our reference as we go; clone: no view into the mmap
-            yield from ((k, t.clone()) for k, t in meta_to_hub(mk, self.sd.pop(mk)))
+    def stream(self):
+        """(key, tensor) as views into the mmap, with SafetensorsSource.stream's contract: the caller
+        copies what it keeps, so no view outlives the load. pop: drop our reference as we go."""
+        for mk in list(self.sd):
+            yield from meta_to_hub(mk, self.sd.pop(mk))
 
 
 # ---------------------------------------------------------------- resolving a path
