@@ -297,7 +297,7 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
 
 
-def _guess_preset(name: str) -> str | None:
+def guess_preset(name: str) -> str | None:
     for preset in sorted(PRESETS, key=len, reverse=True):  # "vits16plus" before "vits16"
         if preset != "tiny" and preset in name.replace("_", ""):
             return preset
@@ -338,7 +338,7 @@ def open_checkpoint(path, config=None):
     elif path.suffix in (".pth", ".pt", ".bin"):
         source = PthSource(path)
         if config is None and raw is None:
-            config = _guess_preset(path.name)
+            config = guess_preset(path.name)
             if config is None:
                 raise ValueError(f"{path}: a Meta .pth carries no config; pass config=<preset name> "
                                  f"(one of {sorted(PRESETS)}) or a config.json-style dict")

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import PRESETS, TrainConfig, ViTConfig
+from .checkpoint import guess_preset
+from .config import TrainConfig, ViTConfig, resolve_config
 from .head import Classifier, make_head
 from .model import DINOv3ViT
 
@@ -51,12 +52,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def backbone_config(weights: str) -> ViTConfig:
-    """The architecture without the weights: config.json if the folder has one, else the 7B preset."""
+    """The architecture without the weights: config.json if the folder has one, else the preset its
+    name says (default: the paper's 7B). A copy: the model's RoPE switch writes to its config."""
     cfg_file = Path(weights) / "config.json"
     if cfg_file.is_file():
         return ViTConfig.from_dict(json.loads(cfg_file.read_text()))
-    name = Path(weights).name.replace("dinov3-", "").replace("_", "")
-    return PRESETS.get(name, PRESETS["vit7b16"])
+    return resolve_config(guess_preset(Path(weights).name) or "vit7b16")
 
 
 def _rope_value(text: str, from_config):
