@@ -31,6 +31,7 @@ from tqdm import tqdm
 from nanopeft.config import PAPER_RUNS, TrainConfig, add_config_args, config_from_args
 from nanopeft.pipeline import (DINO_METHODS, autocast, autocast_dtype, build_classifier, count_params,
                                peak_memory_mb, resolve_device, save_run_weights)
+from nanopeft.save import atomic_write
 
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -50,17 +51,12 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint behind
-
-
 def estimate_gpu_memory(model: nn.Module, cfg: TrainConfig, counts: dict) -> dict[str, float]:
     """A rough peak-memory estimate in GB for --dry-run (weights + optimizer + activations)."""
     GB = 1e9
-    nf4 = sum(m.in_features * m.out_features for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and ".layer." in f".{n}" and "classifier" not in n)
+    nf4 = sum(m.in_features * m.out_features for n, m in model.named_modules()  # frozen: not lora_A/B
+              if isinstance(m, nn.Linear) and ".layer." in f".{n}" and "classifier" not in n
+              and not m.weight.requires_grad)
     rest = counts["total"] - counts["trainable"] - nf4
     base = (nf4 * 4.127 / 8 + rest * 2) if cfg.quant == "nf4" and cfg.method in DINO_METHODS \
         else (counts["total"] - counts["trainable"]) * 2
@@ -286,12 +282,11 @@ def main(argv=None) -> dict:
 
     def save_resume():
         if master:
-            atomic_save({"trainable": {k: v for k, v in raw.state_dict().items()
-                                       if k in {n for n, p in raw.named_parameters() if p.requires_grad}},
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
-                         "rng": torch.get_rng_state(),
-                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                        resume_file)
+            obj = {"trainable": {n: p.detach() for n, p in raw.named_parameters() if p.requires_grad},
+                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
+                   "rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            atomic_write(resume_file, lambda p: torch.save(obj, p))
 
     # ---------------------------------------------------------------- the loop
     stop = False

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from .config import ViTConfig
 from .model import DINOv3ViT
+from .save import atomic_write
 
 # the 7B's structure (SwiGLU, 4 registers, no q/k/v bias) at a size a laptop CPU trains in seconds
 DEMO_CONFIG = ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
@@ -34,9 +35,7 @@ def write_hub_checkpoint(model: DINOv3ViT, folder: Path) -> None:
     """config.json + model.safetensors exactly as transformers' save_pretrained lays them out."""
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
+    atomic_write(folder / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
 
 

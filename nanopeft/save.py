@@ -85,7 +85,8 @@ def adapter_config(model: nn.Module, *, head: bool = False, base_model_name_or_p
     }
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename onto path: a crash mid-write never leaves a half file behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -141,8 +142,8 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
         raise FileExistsError(f"{directory / WEIGHTS_NAME} exists without an {CONFIG_NAME}; "
                               f"pass overwrite=True or another directory")
     metadata = {"format": "pt", EXTRA_META: json.dumps(sorted(extra))}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
-    _atomic_write(old, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
+    atomic_write(old, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 
