@@ -26,7 +26,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from nanopeft.config import TrainConfig
-from nanopeft.data import ImageDataset, load_image, scan_dataset, stratified_split
+from nanopeft.data import ImageDataset, check_images, load_image, scan_dataset, stratified_split
 from nanopeft.augment import resize_normalize
 from nanopeft.metrics import compute_metrics, format_report
 from nanopeft.pipeline import (SCRATCH_METHODS, autocast, autocast_dtype, build_classifier,
@@ -64,11 +64,14 @@ def load_model(run: str, device, amp, weights: str | None, merge: str) -> tuple[
     return model.eval(), saved
 
 
-def test_items(args, saved: dict):
-    cfg = TrainConfig(**saved["train"])
+def test_items(args, cfg: TrainConfig, saved: dict):
     if args.split == "val":  # rebuild the run's validation split exactly (same data, fraction, seed)
         items, names = scan_dataset(cfg.data)
-        return stratified_split(items, val_fraction=cfg.val_fraction, seed=cfg.split_seed)[1]
+        val = stratified_split(items, val_fraction=cfg.val_fraction, seed=cfg.split_seed)[1]
+        if cfg.skip_bad:  # the run left its unreadable images out (--skip-bad), so does its split
+            bad = {str(p) for p, _ in check_images(val)}
+            val = [s for s in val if str(s.path) not in bad]
+        return val
     if args.data is None:
         fail("give --data TEST_DIR (image folder or CSV) or --split val")
     try:
@@ -160,8 +163,8 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     amp = autocast_dtype(device, args.precision)
 
-    saved0 = read_run(runs[0])[1]
-    items = test_items(args, saved0)
+    cfg0, saved0 = read_run(runs[0])
+    items = test_items(args, cfg0, saved0)
     image_size = saved0["train"]["image_size"]
     ds = ImageDataset(items, image_size=image_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
@@ -188,7 +191,7 @@ def main(argv=None) -> dict:
     sources = [s.source for s in items] if any(s.source for s in items) else None
     metrics = compute_metrics(labels.numpy(), preds.numpy(), class_names=saved0["class_names"], sources=sources)
     metrics.update(speed)
-    metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) * len(runs) / wall, runs=runs,
+    metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) / wall, runs=runs,
                    data=args.data if args.split == "test" else "val split", merged=args.merge)
 
     out = Path(args.out) if args.out else Path(runs[0]) / ("metrics_val.json" if args.split == "val" else

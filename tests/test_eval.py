@@ -46,6 +46,17 @@ def test_eval_reproduces_validation_accuracy(runs, method, merge, tmp_path):
     assert m["accuracy"] == pytest.approx(best_val(run), abs=1e-9)
 
 
+def test_val_split_of_a_skip_bad_run_leaves_the_bad_images_out(tmp_path, tiny_ckpt):
+    data = make_demo_dataset(tmp_path / "data", num_classes=2, per_class=10, size=(40, 32), seed=0)
+    for f in sorted(Path(data).rglob("*.*"))[::3]:  # every third image, so the val split gets some
+        f.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    run = tmp_path / "run"
+    train.main(["--out", str(run), "--method", "resnet18", "--data", str(data), *FAST, "--skip-bad"])
+    m = evaluate.main(["--run", str(run), "--split", "val", "--workers", "0", "--speed-reps", "0",
+                       "--out", str(tmp_path / "m.json")])
+    assert m["accuracy"] == pytest.approx(best_val(run), abs=1e-9)
+
+
 def test_metrics_json_and_predictions(runs, tmp_path):
     (run_dirs, test) = runs
     out = tmp_path / "metrics.json"
