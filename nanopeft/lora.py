@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nf4 import NF4Linear, NF4Matmul
+from .nf4 import NF4Linear
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -91,9 +91,7 @@ def frozen_matmul(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     autocast dtype), and for NF4 through NF4Matmul, whose backward re-dequantizes W0 instead of
     keeping a full-precision copy alive."""
     if isinstance(base, NF4Linear):
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else base.compute_dtype
-        return NF4Matmul.apply(x.to(dtype), base.nf4_weight(), None)
+        return base.matmul(x, bias=False)
     return F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(base.weight.dtype), base.weight)
 
 

@@ -116,10 +116,15 @@ class NF4Linear(nn.Module):
         return self.nf4_weight().dequantize(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """x Ŵᵀ (+ b) in the autocast dtype if autocast is on, else the compute dtype. bias=False is
+        what the adapters use: they add the bias themselves."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return NF4Matmul.apply(x.to(dtype), self.nf4_weight(), bias)
+        b = self.bias.to(dtype) if bias and self.bias is not None else None
+        return NF4Matmul.apply(x.to(dtype), self.nf4_weight(), b)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
