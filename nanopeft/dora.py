@@ -34,6 +34,8 @@ rounding of the output.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -46,15 +48,21 @@ CANCELLATION = 0.25
 
 
 def _state_key(module: nn.Module):
-    """Identifies the current values of a module's tensors: storage and in-place version counter.
+    """Identifies the current values of a module's tensors: each tensor (by weak reference, so a new
+    tensor that reuses a freed address is not taken for the old one) and its in-place version counter.
 
-    load_state_dict copies in place (bumps _version) or assigns new tensors (new data_ptr).
+    load_state_dict copies in place (bumps _version) or assigns new tensors (the old refs go dead).
     Inference-mode tensors keep no version counter: then there is no key and no caching.
     """
     try:
-        return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+        return tuple((weakref.ref(t), t._version) for t in (*module.parameters(), *module.buffers()))
     except RuntimeError:
         return None
+
+
+def _same_state(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and \
+        all(ra() is not None and ra() is rb() and va == vb for (ra, va), (rb, vb) in zip(a, b))
 
 
 class DoRALinear(nn.Module):
@@ -83,9 +91,12 @@ class DoRALinear(nn.Module):
         else:          # in place: an optimizer holding m keeps working
             m.copy_(n)
 
+    def __getstate__(self):  # pickling (torch.save of the module): weak references do not pickle
+        return {**self.__dict__, "_w0_sq": (None, None)}
+
     def _w0_sq_norm(self) -> torch.Tensor:
         key = _state_key(self.base_layer)
-        if key is None or self._w0_sq[0] != key:
+        if not _same_state(key, self._w0_sq[0]):
             self._w0_sq = (key, base_weight(self.base_layer).square().sum(dim=1))  # (out,), fp32
         return self._w0_sq[1]
 

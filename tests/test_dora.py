@@ -9,6 +9,7 @@ from test_lora import (ALPHA, IN, OUT, R, assert_outputs_and_grads_equal, close,
                        make_linear, peft_layer)
 
 from nanopeft.dora import DoRALinear
+from nanopeft.lora import base_weight
 from nanopeft.nf4 import NF4Linear
 
 peft = pytest.importorskip("peft")
@@ -94,6 +95,27 @@ def test_factored_norm_is_exact_even_under_cancellation():
         base.weight.mul_(2.0)
     ref2 = torch.linalg.norm(f64(base.weight) + s * (f64(B) @ f64(A)), dim=1)
     assert ((f64(do.weight_norm()) - ref2).abs() / ref2).max() < 1e-4
+
+
+def test_norm_cache_follows_assigned_base_tensors_and_pickles(tmp_path):
+    base = make_linear()
+    _, _, do = twin(base)
+    s, A, B = do.scaling, do.lora_A.weight, do.lora_B.weight
+    do.weight_norm()  # fills the cache
+    for seed in (1, 2, 3):  # new tensors each time, which may land where freed ones were
+        do.base_layer.load_state_dict(make_linear(seed=seed).state_dict(), assign=True)
+        ref = torch.linalg.norm(base_weight(do.base_layer) + s * (B @ A), dim=1)
+        assert torch.allclose(do.weight_norm(), ref, rtol=1e-5, atol=0)
+    for _ in range(3):  # free the weight, then a new one of the same size (malloc may reuse the address)
+        do.base_layer._parameters["weight"] = None
+        w = torch.randn(OUT, IN)
+        do.base_layer.weight = nn.Parameter(w, requires_grad=False)
+        ref = torch.linalg.norm(w + s * (B @ A), dim=1)
+        assert torch.allclose(do.weight_norm(), ref, rtol=1e-5, atol=0)
+    torch.save(do, tmp_path / "do.pt")  # the cache's weak references are not pickled
+    again = torch.load(tmp_path / "do.pt", weights_only=False)
+    x = torch.randn(4, IN)
+    assert torch.allclose(again(x), do(x), atol=1e-6, rtol=0)
 
 
 def test_norm_is_a_constant_in_backward():
