@@ -129,7 +129,7 @@ class DoRALinear(nn.Module):
         x = x.reshape(-1, self.in_features)                     # (N, in)
         N = x.shape[0]
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        xd = self.lora_dropout(x.to(A.dtype)) if dropout else x.to(A.dtype)  # x̃ (fp32, like the adapters)
+        xd = self.lora_dropout(x.to(A.dtype))  # x̃ (fp32, like the adapters); x itself in eval or at p = 0
         rows = [x, xd, A.detach()] if dropout else [x, A.detach()]
         P = frozen_matmul(self.base_layer, torch.cat([t.to(x.dtype) for t in rows]))  # [x; (x̃;) A] W0ᵀ
         # one split, not slices: each slice's backward would write its gradient into a zeroed P-sized tensor
