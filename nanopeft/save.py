@@ -59,6 +59,11 @@ def peft_path(name: str) -> str:
     return "model." + name if name.startswith("layer.") else name
 
 
+def from_peft_path(name: str) -> str:
+    """The inverse of peft_path."""
+    return name.removeprefix("model.") if name.startswith("model.layer.") else name
+
+
 def _adapter_tensors(name: str, w: nn.Module) -> dict[str, torch.Tensor]:
     out = {f"{name}.lora_A.weight": w.lora_A.weight, f"{name}.lora_B.weight": w.lora_B.weight}
     if isinstance(w, DoRALinear):
@@ -159,7 +164,7 @@ def _our_targets(model: nn.Module, targets):
         if not names:
             raise ValueError(f"target_modules regex {targets!r} matches no module of the model")
         return names
-    return [t.removeprefix("model.") if t.startswith("model.layer.") else t for t in targets]
+    return [from_peft_path(t) for t in targets]
 
 
 def _read(directory: Path) -> tuple[dict, dict, set]:
@@ -217,10 +222,8 @@ def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.
             extra[rest] = t
         elif heads and rest.startswith(heads):
             head_sd[rest.partition(".")[2]] = t
-        elif rest in expected:
-            found[rest] = t
-        elif rest.startswith("model.layer.") and rest.removeprefix("model.") in expected:
-            found[rest.removeprefix("model.")] = t
+        elif from_peft_path(rest) in expected:  # either layout: `layer.N...` or `model.layer.N...`
+            found[from_peft_path(rest)] = t
         else:
             unknown.append(key)
     if unknown:
