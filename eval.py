@@ -30,7 +30,7 @@ from nanopeft.data import ImageDataset, check_images, load_image, scan_dataset, 
 from nanopeft.augment import resize_normalize
 from nanopeft.metrics import compute_metrics, format_report
 from nanopeft.pipeline import (SCRATCH_METHODS, autocast, autocast_dtype, build_classifier,
-                               load_run_weights, resolve_device)
+                               load_run_weights, resolve_device, threads_beside_workers)
 
 
 def fail(msg: str) -> None:
@@ -176,8 +176,8 @@ def main(argv=None) -> dict:
             fail(f"--ensemble: {run} was trained on classes {saved['class_names']}, {runs[0]} on "
                  f"{saved0['class_names']}")
         threads = torch.get_num_threads()
-        if device.type == "cpu" and args.workers > 0:  # leave the workers their cores (see train.py)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
+        if device.type == "cpu" and args.workers > 0:  # leave the workers their cores
+            torch.set_num_threads(threads_beside_workers(args.workers))
         out, t = predict(model, loader, device, amp, desc=f"eval {Path(run).name}")
         torch.set_num_threads(threads)  # speed is measured without workers, on every thread
         logits, wall = logits + out, wall + t

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nanopeft.config import PAPER_RUNS, TrainConfig, add_config_args, config_from_args
 from nanopeft.pipeline import (DINO_METHODS, autocast, autocast_dtype, build_classifier, count_params,
-                               peak_memory_mb, resolve_device, save_run_weights)
+                               peak_memory_mb, resolve_device, save_run_weights, threads_beside_workers)
 from nanopeft.save import atomic_write
 
 
@@ -189,9 +189,7 @@ def main(argv=None) -> dict:
     amp = autocast_dtype(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu" and cfg.workers > 0:
-        # leave the DataLoader workers their cores: OpenMP threads that share a core with a busy worker
-        # spin-wait, and small matmuls then run 10-30× slower than on one uncontended thread
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - min(cfg.workers, os.cpu_count() or 1)))
+        torch.set_num_threads(threads_beside_workers(cfg.workers, world))
     if cfg.method in DINO_METHODS and not Path(cfg.weights).exists():
         fail(f"no DINOv3 backbone at {cfg.weights}. Download it (gated: accept the licence first): "
              f"huggingface-cli download facebook/dinov3-vit7b16-pretrain-lvd1689m --local-dir {cfg.weights} "
