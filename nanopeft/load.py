@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint import NF4_SUFFIX, CheckpointError, open_checkpoint, parse_dtype
-from .model import DINOv3ViT
+from .model import DINOv3ViT, block_linears
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
@@ -28,11 +28,6 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
         mod._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
     else:
         mod._buffers[name] = value
-
-
-def _block_linears(model: DINOv3ViT) -> dict[str, nn.Linear]:
-    """The Linears inside the transformer blocks: the ones QLoRA quantizes (7 per SwiGLU block)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layer.")}
 
 
 def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", progress=None) -> DINOv3ViT:
@@ -46,9 +41,9 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-    source, cfg, raw = open_checkpoint(path, config)
+    source, cfg, config_dict = open_checkpoint(path, config)
     dtype, device = parse_dtype(dtype), torch.device(device)
-    qcfg = (raw or {}).get("quantization_config") or {}
+    qcfg = (config_dict or {}).get("quantization_config") or {}
     prequant = sorted(k[: -len(NF4_SUFFIX)] for k in source.shapes if k.endswith(NF4_SUFFIX))
     if qcfg and not prequant:
         raise CheckpointError(f"{path}: config.json has a quantization_config but the weights hold no NF4 state")
@@ -57,7 +52,7 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
     with torch.device("meta"):
         model = DINOv3ViT(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # what a full-precision file holds
-    linears = _block_linears(model)
+    linears = block_linears(model)  # the Linears QLoRA quantizes (7 per SwiGLU block)
 
     # 1. swap the Linears that become NF4 (still on meta)
     quantized = set(prequant) if prequant else (set(linears) if quantize == "nf4" else set())

@@ -5,10 +5,11 @@ import torch
 import torch.nn as nn
 
 from nanopeft import PRESETS, DINOv3ViT, ViTConfig
+from nanopeft.model import block_linears, in_block, pooled_width
 
-transformers = pytest.importorskip("transformers")
 
-# parameter counts of every released size: transformers' DINOv3ViTModel built on meta (dinov3.md §2)
+# parameter counts of every released size: transformers' DINOv3ViTModel built on meta (docs/DINOV3.md
+# ("Released sizes"))
 RELEASED = {"vits16": 21_596_544, "vits16plus": 28_692_864, "vitb16": 85_660_416,
             "vitl16": 303_129_600, "vith16plus": 840_592_640, "vit7b16": 6_716_035_072}
 
@@ -63,6 +64,7 @@ def test_pooling_variants():
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_sizes_on_meta(name):
+    transformers = pytest.importorskip("transformers")
     with torch.device("meta"):
         ours = DINOv3ViT(PRESETS[name])
         hf = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**{
@@ -80,6 +82,27 @@ def test_7b_counts():
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 280
     assert "layer.39.mlp.gate_proj" in linears and "layer.0.attention.q_proj" in linears
+    assert list(block_linears(model)) == linears  # every Linear of the ViT lies inside a block
+
+
+def test_in_block_is_the_one_definition_of_a_block_module():
+    for name in ("layer.0.attention.q_proj", "layer.39.mlp.down_proj", "backbone.layer.3.mlp.up_proj",
+                 "backbone.layer.3.attention.q_proj.base_layer"):
+        assert in_block(name), name
+    for name in ("layer", "layer.0", "embeddings.patch_embeddings", "norm", "head.0", "classifier.0",
+                 "backbone.norm", "mylayer.0.x", "layer.x.q_proj"):
+        assert not in_block(name), name
+    model = nn.ModuleDict({"backbone": DINOv3ViT("tiny"), "head": nn.Linear(64, 3)})
+    names = list(block_linears(model))
+    assert len(names) == 14 and all(n.startswith("backbone.layer.") for n in names)
+
+
+def test_pooled_width():
+    model = DINOv3ViT("tiny")
+    assert [model.feature_dim(p) for p in ("cls", "mean", "cls+mean")] == [64, 64, 128]
+    assert pooled_width(4096, "cls+mean") == 8192
+    with pytest.raises(ValueError, match="pool"):
+        pooled_width(64, "max")
     assert model.layer[0].attention.q_proj.bias is None and model.layer[0].attention.o_proj.bias is not None
 
 
