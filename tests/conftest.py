@@ -7,7 +7,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def make_hf_model(gated: bool = True, registers: int = 4, seed: int = 0, **overrides):
-    """A random tiny transformers DINOv3ViTModel with every tensor non-trivial (dinov3.md §6).
+    """A random tiny transformers DINOv3ViTModel with every tensor non-trivial (docs/DINOV3.md
+    ("Parity with transformers")).
 
     gated=True has the 7B's structure (SwiGLU, no q/k/v bias); gated=False the S/B/L one (GELU MLP,
     q and v biases). in_features are multiples of 64, so bitsandbytes' CPU kernels are valid oracles.
@@ -84,6 +85,13 @@ def make_peft_model(ckpt, method, targets, nf4=False, dropout=0.0, r=4, alpha=8,
             if "lora_magnitude_vector" in n:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
     return pm
+
+
+@pytest.fixture
+def hf_model():
+    """Factory: hf_model(gated=True, registers=4, seed=0, **config) -> make_hf_model's transformers model
+    (skips without transformers)."""
+    return make_hf_model
 
 
 @pytest.fixture

@@ -23,10 +23,8 @@ def ours_from(hf_model) -> DINOv3ViT:
 
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("registers", [4, 0, 2])
-def test_forward_equals_transformers(gated, registers):
-    from conftest import make_hf_model
-
-    hf = make_hf_model(gated=gated, registers=registers)
+def test_forward_equals_transformers(hf_model, gated, registers):
+    hf = hf_model(gated=gated, registers=registers)
     ours = ours_from(hf)
     x = torch.randn(2, 3, 64, 96)  # non-square: 4 × 6 patches
     with torch.no_grad():
@@ -37,20 +35,16 @@ def test_forward_equals_transformers(gated, registers):
         assert (ours.features(x, "cls") - ref.pooler_output).abs().max() <= 1e-5
 
 
-def test_non_multiple_of_patch_is_cropped_like_transformers():
-    from conftest import make_hf_model
-
-    hf = make_hf_model()
+def test_non_multiple_of_patch_is_cropped_like_transformers(hf_model):
+    hf = hf_model()
     ours = ours_from(hf)
     x = torch.randn(1, 3, 70, 50)
     with torch.no_grad():
         assert (ours(x) - hf(pixel_values=x).last_hidden_state).abs().max() <= 1e-5
 
 
-def test_pooling_variants():
-    from conftest import make_hf_model
-
-    ours = ours_from(make_hf_model())
+def test_pooling_variants(hf_model):
+    ours = ours_from(hf_model())
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         tokens = ours(x)
@@ -106,10 +100,8 @@ def test_pooled_width():
     assert model.layer[0].attention.q_proj.bias is None and model.layer[0].attention.o_proj.bias is not None
 
 
-def test_rope_augmentation_train_only():
-    from conftest import make_hf_model
-
-    ours = ours_from(make_hf_model())
+def test_rope_augmentation_train_only(hf_model):
+    ours = ours_from(hf_model())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = ours.eval()(x)
@@ -126,11 +118,9 @@ def test_rope_augmentation_train_only():
         assert torch.equal(ours(x), ref)  # eval mode never augments
 
 
-def test_rope_augmentation_matches_transformers_rng():
+def test_rope_augmentation_matches_transformers_rng(hf_model):
     """Same seed, same draw: our train-mode coordinates follow HF's order of random calls."""
-    from conftest import make_hf_model
-
-    hf = make_hf_model(pos_embed_shift=0.1, pos_embed_jitter=1.2, pos_embed_rescale=2.0)
+    hf = hf_model(pos_embed_shift=0.1, pos_embed_jitter=1.2, pos_embed_rescale=2.0)
     ours = ours_from(hf)
     hf.train(), ours.train()
     x = torch.randn(1, 3, 48, 64)
@@ -142,10 +132,8 @@ def test_rope_augmentation_matches_transformers_rng():
     assert (out - ref).abs().max() <= 1e-5
 
 
-def test_gradient_checkpointing_same_gradients():
-    from conftest import make_hf_model
-
-    ours = ours_from(make_hf_model()).train().set_rope_augmentation(None, None, None)
+def test_gradient_checkpointing_same_gradients(hf_model):
+    ours = ours_from(hf_model()).train().set_rope_augmentation(None, None, None)
     x = torch.randn(2, 3, 32, 32)
     grads = []
     for ckpt in (False, True):
