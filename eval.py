@@ -29,8 +29,10 @@ from nanopeft.config import TrainConfig
 from nanopeft.data import ImageDataset, check_images, load_image, scan_dataset, stratified_split
 from nanopeft.augment import resize_normalize
 from nanopeft.metrics import compute_metrics, format_report
-from nanopeft.pipeline import (SCRATCH_METHODS, autocast, autocast_dtype, build_classifier,
-                               load_run_weights, resolve_device, threads_beside_workers)
+from nanopeft.build import build_classifier
+from nanopeft.config import ADAPTER_METHODS, SCRATCH_METHODS
+from nanopeft.device import autocast, autocast_dtype, resolve_device, threads_beside_workers
+from nanopeft.run import load_run_weights
 
 
 def fail(msg: str) -> None:
@@ -59,7 +61,7 @@ def load_model(run: str, device, amp, weights: str | None, merge: str) -> tuple[
         fail(f"the run's backbone {cfg.weights} does not exist here; pass --weights PATH")
     model = build_classifier(cfg, saved["num_classes"], device, dtype=amp or torch.float32, adapters=False)
     load_run_weights(model, cfg, Path(run) / "adapter")
-    if merge != "no" and cfg.method in ("lora", "dora"):
+    if merge != "no" and cfg.method in ADAPTER_METHODS:
         merge_adapters(model.backbone, requantize=(merge == "requantize"))
     return model.eval(), saved
 

@@ -2,7 +2,7 @@
 
     python train.py --method dora --rank 64 --targets all-linear      # the paper's recipe, NF4 7B base
     python train.py --preset qlora-all-linear-r64                      # one of the paper's 11 rows
-    python train.py --demo                                             # whole pipeline on CPU, ~1 minute
+    python train.py --demo                                             # whole pipeline on CPU, no download
     python train.py --dry-run --method lora --rank 16                  # counts + memory estimate, no weights
     torchrun --nproc_per_node 4 train.py ...                           # same global batch on 4 GPUs
 
@@ -10,6 +10,8 @@ The step, in the order it happens (nanoGPT style, all visible in main()):
     micro-batch ─► autocast forward ─► loss / group size ─► backward   (× grad_accum)
     ─► lr = get_lr(step) ─► unscale ─► clip ─► AdamW step ─► zero_grad
     epoch end ─► validation accuracy ─► keep the best adapter ─► early stop ─► resumable checkpoint
+Everything around it is a small named helper below: the config (flags, --resume, --demo), the system
+(processes, device, precision), data, model, and the run folder (nanopeft/run.py).
 """
 
 from __future__ import annotations
@@ -22,22 +24,26 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from nanopeft.config import PAPER_RUNS, TrainConfig, add_config_args, config_from_args
-from nanopeft.pipeline import (DINO_METHODS, autocast, autocast_dtype, build_classifier, count_params,
-                               peak_memory_mb, resolve_device, save_run_weights, threads_beside_workers)
-from nanopeft.save import atomic_write
+from nanopeft.budget import count_params, estimate_gpu_memory
+from nanopeft.build import build_classifier
+from nanopeft.config import ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args
+from nanopeft.device import autocast, autocast_dtype, peak_memory_mb, resolve_device, threads_beside_workers
+from nanopeft.distributed import all_sum
+from nanopeft.run import (RunError, RunLog, check_new_run_folder, load_resume, new_state, read_run_config,
+                          run_folder, run_name, save_resume, save_run_weights, write_run_config, write_summary)
 
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Linear warmup from 0 to lr over warmup_ratio of the steps, then cosine to min_lr_ratio · lr.
     A pure function written into the optimizer at every step: the seed code computed its warmup
-    but never applied it (paper.md §4)."""
+    but never applied it (docs/RECIPE.md ("Fixes to the recipe"))."""
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -51,27 +57,54 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def estimate_gpu_memory(model: nn.Module, cfg: TrainConfig, counts: dict) -> dict[str, float]:
-    """A rough peak-memory estimate in GB for --dry-run (weights + optimizer + activations)."""
-    GB = 1e9
-    nf4 = sum(m.in_features * m.out_features for n, m in model.named_modules()  # frozen: not lora_A/B
-              if isinstance(m, nn.Linear) and ".layer." in f".{n}" and "classifier" not in n
-              and not m.weight.requires_grad)
-    rest = counts["total"] - counts["trainable"] - nf4
-    base = (nf4 * 4.127 / 8 + rest * 2) if cfg.quant == "nf4" and cfg.method in DINO_METHODS \
-        else (counts["total"] - counts["trainable"]) * 2
-    train = counts["trainable"] * 16  # fp32 weight + grad + two AdamW moments
-    acts = 0.0
-    bb = getattr(model, "backbone", None)
-    if bb is not None and hasattr(bb, "config"):
-        c = bb.config
-        N = 1 + c.num_register_tokens + (cfg.image_size // c.patch_size) ** 2
-        per_block_io = cfg.batch_size * N * c.hidden_size * 2  # bf16 residual stream
-        inside = cfg.batch_size * N * (6 * c.hidden_size + 3 * c.intermediate_size) * 2
-        acts = per_block_io * c.num_hidden_layers + inside if cfg.grad_checkpointing \
-            else (per_block_io + inside) * c.num_hidden_layers
-    return {"weights_gb": base / GB, "trainable_state_gb": train / GB, "activations_gb": acts / GB,
-            "total_gb": (base + train + acts) / GB * 1.1}  # +10 %: allocator, workspaces
+# ---------------------------------------------------------------------------------------------- config
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--dry-run", action="store_true", help="print config, parameter counts and a "
+                        "memory estimate, then exit (no weights or data needed)")
+    parser.add_argument("--list-presets", action="store_true", help="the paper's 11 runs with their counts")
+    parser.add_argument("--demo", action="store_true", help="generate a tiny random DINOv3 + image data "
+                        "set and run the whole pipeline on CPU")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder where it stopped")
+    return parser.parse_args(argv)
+
+
+def run_config(args) -> TrainConfig:
+    """Defaults < --preset < flags; with --resume the run's saved config < flags given now; with --demo
+    its small settings for every flag not given. Resolved: every value checked and typed once."""
+    try:
+        cfg = config_from_args(args).resolved()
+        if args.list_presets:
+            return cfg  # the listing needs nothing more
+        if args.resume:
+            cfg = resumed_config(args)
+        if args.demo:
+            cfg = demo_config(args, cfg)
+        return cfg.resolved()
+    except ValueError as e:  # RunError included
+        fail(str(e))
+
+
+def resumed_config(args) -> TrainConfig:
+    """--resume RUN: the config saved in RUN/config.json; flags given now win (e.g. a larger --epochs)."""
+    saved, _ = read_run_config(args.resume, flag="--resume")
+    given = {k: v for k, v in vars(config_from_args(args)).items()
+             if getattr(args, k, None) is not None and k != "out"}
+    return dataclasses.replace(saved, **given, out=args.resume)
+
+
+def demo_config(args, cfg: TrainConfig) -> TrainConfig:
+    """--demo: a generated random DINOv3 and image folder, and settings that train them on CPU."""
+    from nanopeft.demo import DEMO_NOTICE, prepare_demo
+
+    paths = prepare_demo()
+    args.demo_test = str(paths["test"])
+    print(DEMO_NOTICE)
+    demo = dict(weights=str(paths["weights"]), data=str(paths["data"]), image_size=64, epochs=3,
+                batch_size=8, grad_accum=1, lr=1e-3, workers=2, rank=8, alpha=16.0)
+    explicit = {k for k in vars(args) if getattr(args, k) is not None}
+    return dataclasses.replace(cfg, **{k: v for k, v in demo.items() if k not in explicit})
 
 
 def dry_run(cfg: TrainConfig) -> None:
@@ -79,7 +112,7 @@ def dry_run(cfg: TrainConfig) -> None:
     model = build_classifier(cfg, C, torch.device("cpu"), meta=True)
     counts = count_params(model)
     mem = estimate_gpu_memory(model, cfg, counts)
-    print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    print(json.dumps(cfg.to_dict(), indent=2))
     print(f"classes:              {C}")
     print(f"adapter parameters:   {counts['adapter']:,}")
     print(f"head parameters:      {counts['head']:,}")
@@ -94,12 +127,73 @@ def list_presets(cfg: TrainConfig) -> None:
     for name, row in PAPER_RUNS.items():
         c = dataclasses.replace(cfg, **row).resolved()
         counts = count_params(build_classifier(c, cfg.num_classes or 9, torch.device("cpu"), meta=True))
-        dino = c.method in ("lora", "dora")
-        print(f"{name:<22} {c.method:<10} {c.targets if dino else '-':<11} {c.rank if dino else '-':>4} "
+        adapted = c.method in ADAPTER_METHODS
+        print(f"{name:<22} {c.method:<10} {c.targets if adapted else '-':<11} {c.rank if adapted else '-':>4} "
               f"{counts['adapter']:>15,} {counts['trainable']:>13,}")
 
 
-def make_loaders(cfg: TrainConfig, rank: int, world: int):
+# ---------------------------------------------------------------------------------------------- system
+@dataclass
+class System:
+    """Where this process trains: its rank among `world` processes (torchrun), device and autocast dtype."""
+    rank: int
+    world: int
+    local: int
+    device: torch.device
+    amp: torch.dtype | None  # None: plain fp32
+
+    @property
+    def master(self) -> bool:  # rank 0 writes the run folder and prints
+        return self.rank == 0
+
+
+def setup_system(cfg: TrainConfig) -> System:
+    from nanopeft.distributed import init_distributed
+
+    rank, world, local = init_distributed()
+    try:
+        device = resolve_device(cfg.device) if world == 1 or not torch.cuda.is_available() \
+            else torch.device(f"cuda:{local}")
+    except ValueError as e:
+        fail(str(e))
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu" and cfg.workers > 0:
+        torch.set_num_threads(threads_beside_workers(cfg.workers, world))
+    return System(rank, world, local, device, autocast_dtype(device, cfg.precision))
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    if cfg.method in DINO_METHODS and not Path(cfg.weights).exists():
+        fail(f"no DINOv3 backbone at {cfg.weights}. Download it (gated: accept the licence first): "
+             f"huggingface-cli download facebook/dinov3-vit7b16-pretrain-lvd1689m --local-dir {cfg.weights} "
+             f"(see weights/README.md), or pass --weights PATH")
+    if not Path(cfg.data).exists():
+        fail(f"no training images at {cfg.data}. Put one sub-folder per class there "
+             f"(data/Lying/*.jpg, data/Standing/*.jpg, ...) or a CSV manifest path,label[,source], "
+             f"or pass --data PATH")
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    train_ds: torch.utils.data.Dataset
+    train_loader: torch.utils.data.DataLoader
+    sampler: torch.utils.data.Sampler          # MicroBatchSampler: the global micro-batch order
+    val_loader: torch.utils.data.DataLoader    # this rank's share of the validation split
+    class_names: list[str]
+    n_train: int
+    n_val: int
+
+
+def make_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
+    """The training and validation loaders of cfg.data; a missing or malformed data set is a one-line error."""
+    try:
+        return build_loaders(cfg, rank, world)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
+def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     from nanopeft.data import ImageDataset, check_images, scan_dataset, stratified_split
     from nanopeft.distributed import MicroBatchSampler
 
@@ -127,7 +221,27 @@ def make_loaders(cfg: TrainConfig, rank: int, world: int):
     val_idx = list(range(rank, len(val_ds), world))  # each rank a share; accuracy is summed over ranks
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, val_idx),
                                              batch_size=cfg.eval_batch_size, **kw)
-    return train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items)
+    return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items))
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(cfg: TrainConfig, system: System, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """(model, wrapped): the classifier, which is saved and resumed, and the module the step runs
+    forward and backward through (DDP around the model under torchrun, else the model itself).
+    CPU: fp32 everywhere; GPU: the frozen base in the autocast dtype (NF4 compute dtype)."""
+    from nanopeft.checkpoint import CheckpointError
+
+    try:
+        model = build_classifier(cfg, num_classes, system.device,
+                                 dtype=system.amp if system.amp is not None else torch.float32)
+    except (FileNotFoundError, CheckpointError) as e:
+        fail(f"cannot load the backbone from {cfg.weights}: {e}")
+    if system.world == 1:
+        return model, model
+    # broadcast_buffers=False: the NF4 codes are buffers, identical on every rank
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[system.local] if system.device.type == "cuda"
+                                              else None, broadcast_buffers=False)
+    return model, ddp
 
 
 @torch.no_grad()
@@ -142,159 +256,86 @@ def evaluate(model, loader, device, amp) -> tuple[int, int]:
     return correct, total
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--dry-run", action="store_true", help="print config, parameter counts and a "
-                        "memory estimate, then exit (no weights or data needed)")
-    parser.add_argument("--list-presets", action="store_true", help="the paper's 11 runs with their counts")
-    parser.add_argument("--demo", action="store_true", help="generate a tiny random DINOv3 + image data "
-                        "set and run the whole pipeline on CPU")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder where it stopped")
-    args = parser.parse_args(argv)
+# ---------------------------------------------------------------------------------------------- run folder
+def open_run(cfg: TrainConfig, args, system: System, model, optimizer, scaler, data: Data,
+             counts: dict) -> tuple[Path, dict, RunLog]:
+    """The run folder (a new one, never over a non-empty folder; or --resume's, its state loaded into
+    model, optimizer and scaler), config.json written, and the log opened. Returns (folder, loop state, log)."""
+    out, state = run_folder(cfg), new_state()
     try:
-        cfg = config_from_args(args).resolved()
-    except ValueError as e:
+        if args.resume:
+            load_resume(out, model, optimizer, scaler, state, more_epochs=bool(args.epochs))
+        elif system.master:
+            check_new_run_folder(out)
+    except RunError as e:
         fail(str(e))
+    if system.master:
+        write_run_config(out, cfg, class_names=data.class_names, parameters=counts, world_size=system.world,
+                         n_train=data.n_train, n_val=data.n_val)
+    return out, state, RunLog(out, system.master)
+
+
+def log_setup(log: RunLog, cfg: TrainConfig, system: System, scaler, data: Data, counts: dict,
+              total_steps: int) -> None:
+    w, n = system.world, data.sampler.num_batches()
+    log.say(f"nanopeft train: {run_name(cfg)} on {system.device} ({w} process{'es' if w > 1 else ''}), "
+            f"precision {system.amp or 'fp32'}{' + GradScaler' if scaler.is_enabled() else ''}")
+    log.say(f"data: {data.n_train} train / {data.n_val} val images, {len(data.class_names)} classes, "
+            f"×{cfg.multiplier} per epoch → {len(data.train_ds)} samples, {n} micro-batches of {cfg.batch_size}")
+    log.say(f"parameters: adapter {counts['adapter']:,} + head {counts['head']:,} = {counts['trainable']:,} "
+            f"trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.3f}%)")
+    log.say(f"optimizer: AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, batch {cfg.batch_size}×{cfg.grad_accum}, "
+            f"{math.ceil(n / cfg.grad_accum)} steps/epoch, {total_steps} steps max, "
+            f"warmup {math.ceil(cfg.warmup_ratio * total_steps)}")
+
+
+def finish_run(out: Path, cfg: TrainConfig, args, system: System, state: dict, counts: dict, log: RunLog,
+               elapsed: float) -> dict:
+    summary = {"run": str(out), "method": cfg.method, "best_val_accuracy": state["best_val"],
+               "best_epoch": state["best_epoch"], "steps": state["step"], "train_time_s": elapsed,
+               "trainable_parameters": counts["trainable"], "peak_memory_mb": peak_memory_mb(system.device)}
+    if system.master:
+        log.say(write_summary(out, summary))
+        log.say(f"evaluate: python eval.py --run {out} --data {getattr(args, 'demo_test', None) or 'TEST_DIR'}")
+        log.close()
+    if system.world > 1:  # leave together: rank 0 may still be writing files, and a rank that tears gloo
+        torch.distributed.barrier()  # down while its peer is busy can abort ("terminate called ...")
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = run_config(args)
     if args.list_presets:
         return list_presets(cfg)
-    if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            fail(f"--resume {args.resume}: no config.json there (is it a run folder?)")
-        given = {k: v for k, v in vars(config_from_args(args)).items()
-                 if getattr(args, k, None) is not None and k != "out"}
-        cfg = dataclasses.replace(TrainConfig(**json.loads(saved.read_text())["train"]), **given)
-        cfg.out = args.resume
-    if args.demo:
-        from nanopeft.demo import DEMO_NOTICE, prepare_demo
-
-        paths = prepare_demo()
-        args.demo_test = str(paths["test"])
-        print(DEMO_NOTICE)
-        demo = dict(weights=str(paths["weights"]), data=str(paths["data"]), image_size=64, epochs=3,
-                    batch_size=8, grad_accum=1, lr=1e-3, workers=2, rank=8, alpha=16.0)
-        explicit = {k for k in vars(args) if getattr(args, k) is not None}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in demo.items() if k not in explicit})
     if args.dry_run:
         return dry_run(cfg)
-
-    # ---------------------------------------------------------------- system
-    from nanopeft.distributed import all_sum, init_distributed
-
-    rank, world, local = init_distributed()
-    master = rank == 0
-    device = resolve_device(cfg.device) if world == 1 or not torch.cuda.is_available() \
-        else torch.device(f"cuda:{local}")
-    amp = autocast_dtype(device, cfg.precision)
-    torch.manual_seed(cfg.seed)
-    if device.type == "cpu" and cfg.workers > 0:
-        torch.set_num_threads(threads_beside_workers(cfg.workers, world))
-    if cfg.method in DINO_METHODS and not Path(cfg.weights).exists():
-        fail(f"no DINOv3 backbone at {cfg.weights}. Download it (gated: accept the licence first): "
-             f"huggingface-cli download facebook/dinov3-vit7b16-pretrain-lvd1689m --local-dir {cfg.weights} "
-             f"(see weights/README.md), or pass --weights PATH")
-    if not Path(cfg.data).exists():
-        fail(f"no training images at {cfg.data}. Put one sub-folder per class there "
-             f"(data/Lying/*.jpg, data/Standing/*.jpg, ...) or a CSV manifest path,label[,source], "
-             f"or pass --data PATH")
-
-    # ---------------------------------------------------------------- data
-    try:
-        train_ds, train_loader, sampler, val_loader, class_names, n_train, n_val = make_loaders(cfg, rank, world)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    C = len(class_names)
-
-    # ---------------------------------------------------------------- model
-    # CPU: fp32 everywhere; GPU: the frozen base in the autocast dtype (NF4 compute dtype)
-    from nanopeft.checkpoint import CheckpointError
-
-    try:
-        model = build_classifier(cfg, C, device, dtype=amp if amp is not None else torch.float32)
-    except (FileNotFoundError, CheckpointError) as e:
-        fail(f"cannot load the backbone from {cfg.weights}: {e}")
+    system = setup_system(cfg)
+    device, amp, world = system.device, system.amp, system.world
+    check_inputs(cfg)
+    data = make_loaders(cfg, system.rank, world)
+    model, wrapped = build_model(cfg, system, len(data.class_names))
     counts = count_params(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == torch.float16))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if world > 1:  # broadcast_buffers=False: the NF4 codes are buffers, identical on every rank
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
-    raw = model.module if world > 1 else model
-
-    micro_per_epoch = sampler.num_batches()
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-
-    # ---------------------------------------------------------------- run folder
-    name = cfg.preset or (cfg.method if cfg.method not in ("lora", "dora")
-                          else f"{cfg.method}-{cfg.targets.replace(',', '+')}-r{cfg.rank}")
-    out = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg.out = str(out)
-    state = dict(step=0, epoch=0, batches_done=0, best_val=-1.0, best_epoch=-1, bad_epochs=0, finished=False)
-    resume_file = out / "resume.pt"
-    if args.resume:
-        if not resume_file.is_file():
-            fail(f"--resume {out}: no resume.pt there")
-        ck = torch.load(resume_file, map_location="cpu", weights_only=False)
-        if ck["state"]["finished"] and not given.get("epochs"):
-            fail(f"--resume {out}: that run already finished (raise --epochs to train further)")
-        raw.load_state_dict(ck["trainable"], strict=False)
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        state.update(ck["state"], finished=False)
-        torch.set_rng_state(ck["rng"])
-        if torch.cuda.is_available() and ck.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-    elif master and out.exists() and any(out.iterdir()):
-        fail(f"run folder {out} already exists and is not empty: choose another --out or --resume it")
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({
-            "train": dataclasses.asdict(cfg), "class_names": class_names, "num_classes": C,
-            "parameters": counts, "world_size": world, "n_train": n_train, "n_val": n_val}, indent=2))
-    log = open(out / "train.log", "a") if master else None
-    metrics = open(out / "metrics.jsonl", "a") if master else None
-
-    def say(msg: str):
-        if master:
-            tqdm.write(msg)
-            log.write(msg + "\n")
-            log.flush()
-
-    def record(**row):
-        if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-
-    say(f"nanopeft train: {name} on {device} ({world} process{'es' if world > 1 else ''}), "
-        f"precision {amp or 'fp32'}{' + GradScaler' if scaler.is_enabled() else ''}")
-    say(f"data: {n_train} train / {n_val} val images, {C} classes, ×{cfg.multiplier} per epoch "
-        f"→ {len(train_ds)} samples, {micro_per_epoch} micro-batches of {cfg.batch_size}")
-    say(f"parameters: adapter {counts['adapter']:,} + head {counts['head']:,} = {counts['trainable']:,} "
-        f"trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.3f}%)")
-    say(f"optimizer: AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, batch {cfg.batch_size}×{cfg.grad_accum}, "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps max, warmup {math.ceil(cfg.warmup_ratio * total_steps)}")
-
-    def save_resume():
-        if master:
-            obj = {"trainable": {n: p.detach() for n, p in raw.named_parameters() if p.requires_grad},
-                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
-                   "rng": torch.get_rng_state(),
-                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-            atomic_write(resume_file, lambda p: torch.save(obj, p))
+    micro_per_epoch = data.sampler.num_batches()
+    total_steps = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
+    out, state, log = open_run(cfg, args, system, model, optimizer, scaler, data, counts)
+    log_setup(log, cfg, system, scaler, data, counts, total_steps)
 
     # ---------------------------------------------------------------- the loop
     stop = False
     t_start = time.perf_counter()
     for epoch in range(state["epoch"], cfg.epochs):
-        model.train()
-        train_ds.set_epoch(epoch)
+        wrapped.train()
+        data.train_ds.set_epoch(epoch)
         skip = state["batches_done"]
-        sampler.set_epoch(epoch, skip=skip)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master,
+        data.sampler.set_epoch(epoch, skip=skip)
+        bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not system.master,
                    initial=skip, total=micro_per_epoch, dynamic_ncols=True)
         t0, seen, running = time.perf_counter(), 0, 0.0
         for i, (x, y) in enumerate(bar, start=skip):
@@ -302,10 +343,10 @@ def main(argv=None) -> dict:
             group_size = min(cfg.grad_accum, micro_per_epoch - group * cfg.grad_accum)
             last_in_group = (i + 1) % cfg.grad_accum == 0 or i + 1 == micro_per_epoch
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = model.no_sync() if world > 1 and not last_in_group else contextlib.nullcontext()
+            sync = wrapped.no_sync() if world > 1 and not last_in_group else contextlib.nullcontext()
             with sync:
                 with autocast(device, amp):
-                    logits = model(x)
+                    logits = wrapped(x)
                 loss = criterion(logits.float(), y) / group_size  # mean over the whole group
                 scaler.scale(loss).backward()
             running += loss.item()
@@ -325,7 +366,7 @@ def main(argv=None) -> dict:
                 torch.cuda.synchronize(device)
             ips = seen / (time.perf_counter() - t0)
             loss_val = all_sum([running], device)[0] / world
-            record(step=state["step"], epoch=epoch, loss=loss_val, lr=lr, images_per_s=ips)
+            log.record(step=state["step"], epoch=epoch, loss=loss_val, lr=lr, images_per_s=ips)
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
             state["step"] += 1
             state["batches_done"] = i + 1
@@ -335,50 +376,34 @@ def main(argv=None) -> dict:
                 break
         bar.close()
         if stop and state["batches_done"] < micro_per_epoch:
-            save_resume()  # mid-epoch: --resume continues from this exact micro-batch
-            say(f"stopped after {state['step']} steps (--max-steps); resume with --resume {out}")
+            if system.master:  # mid-epoch: --resume continues from this exact micro-batch
+                save_resume(out, model, optimizer, scaler, state)
+            log.say(f"stopped after {state['step']} steps (--max-steps); resume with --resume {out}")
             break
         # ------------------------------------------------------------ epoch end
-        correct, total = all_sum(list(evaluate(model, val_loader, device, amp)), device)
+        correct, total = all_sum(list(evaluate(wrapped, data.val_loader, device, amp)), device)
         val_acc = correct / max(total, 1)
         state.update(epoch=epoch + 1, batches_done=0)
         improved = val_acc > state["best_val"] + cfg.min_delta
         if improved:
             state.update(best_val=val_acc, best_epoch=epoch + 1, bad_epochs=0)
-            if master:
-                save_run_weights(raw, cfg, out / "adapter")
+            if system.master:
+                save_run_weights(model, cfg, out / "adapter")
         else:
             state["bad_epochs"] += 1
-        record(epoch=epoch + 1, val_accuracy=val_acc, peak_memory_mb=peak_memory_mb(device),
-               elapsed_s=time.perf_counter() - t_start, best=improved)
-        say(f"epoch {epoch + 1}: val accuracy {val_acc:.4f}{' (best, saved)' if improved else ''}, "
-            f"peak memory {peak_memory_mb(device):,.0f} MB")
+        log.record(epoch=epoch + 1, val_accuracy=val_acc, peak_memory_mb=peak_memory_mb(device),
+                   elapsed_s=time.perf_counter() - t_start, best=improved)
+        log.say(f"epoch {epoch + 1}: val accuracy {val_acc:.4f}{' (best, saved)' if improved else ''}, "
+                f"peak memory {peak_memory_mb(device):,.0f} MB")
         if state["bad_epochs"] >= cfg.patience:
-            say(f"early stop: no improvement for {cfg.patience} epochs")
+            log.say(f"early stop: no improvement for {cfg.patience} epochs")
             stop = True
         state["finished"] = state["bad_epochs"] >= cfg.patience or epoch + 1 == cfg.epochs
-        save_resume()
+        if system.master:
+            save_resume(out, model, optimizer, scaler, state)
         if stop:
             break
-
-    elapsed = time.perf_counter() - t_start
-    summary = {"run": str(out), "method": cfg.method, "best_val_accuracy": state["best_val"],
-               "best_epoch": state["best_epoch"], "steps": state["step"], "train_time_s": elapsed,
-               "trainable_parameters": counts["trainable"], "peak_memory_mb": peak_memory_mb(device)}
-    if master:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        width = max(len(k) for k in summary)
-        say("\n".join(["", "summary", "-" * 40] + [f"{k:<{width}}  {v:,.4f}" if isinstance(v, float) else
-                                                    f"{k:<{width}}  {v:,}" if isinstance(v, int) else
-                                                    f"{k:<{width}}  {v}" for k, v in summary.items()]))
-        test_dir = getattr(args, "demo_test", None) or "TEST_DIR"
-        say(f"evaluate: python eval.py --run {out} --data {test_dir}")
-        log.close()
-        metrics.close()
-    if world > 1:  # leave together: rank 0 may still be writing files, and a rank that tears gloo
-        torch.distributed.barrier()  # down while its peer is busy can abort ("terminate called ...")
-        torch.distributed.destroy_process_group()
-    return summary
+    return finish_run(out, cfg, args, system, state, counts, log, time.perf_counter() - t_start)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training augmentations in plain torch ops: the seed paper's albumentations "medium" pipeline.
 
-The seed notebooks (paper.md §2, module 5) augment uint8 HWC images with albumentations 1.3.1:
+The seed notebooks (module 5; docs/RECIPE.md ("The recipe")) augment uint8 HWC images with albumentations 1.3.1:
 
     HorizontalFlip(.5) -> Rotate(15°, .5) -> ShiftScaleRotate(.1, ±20%, 15°, border 0, .5) -> Perspective(.05-.1, .3)
     -> OneOf[RandomBrightnessContrast | HueSaturationValue | ColorJitter](.8)
@@ -12,7 +12,8 @@ size. All randomness comes from the explicit `torch.Generator` g, so an augmente
 and the [0, 1] range. Deliberate differences from albumentations: float arithmetic instead of uint8 look-up tables
 (no rounding between steps), torch's bilinear grid_sample instead of cv2.warpAffine, and the smaller ones named in
 each docstring. `resize_normalize` is the final step shared by train, val, test and inference: one pipeline
-everywhere (the seed code fed the model differently scaled inputs at train and test time, paper.md §7.1).
+everywhere (the seed code fed the model differently scaled inputs at train and test time: docs/RECIPE.md
+("Fixes to the recipe")).
 """
 
 import math
@@ -21,7 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv3 LVD-1689M preprocessing (dinov3.md §5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv3 LVD-1689M preprocessing (docs/DINOV3.md ("Preprocessing"))
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The notebook's strength presets (AugmentationPipeline._build_train_transform): strength scales brightness/contrast
@@ -313,7 +314,7 @@ def augment(x, g, strength="medium"):
 
 
 def resize_normalize(x, size=224):
-    """DINOv3's preprocessing (dinov3.md §5), the last step for every split: squash (3, H, W) in [0, 1] to
+    """DINOv3's preprocessing (docs/DINOV3.md ("Preprocessing")), the last step for every split: squash (3, H, W) in [0, 1] to
     size × size with antialiased bilinear (torchvision's tensor Resize; PIL's BILINEAR to within rounding), then
     (x - mean) / std with the ImageNet statistics. `size` may be an int or (height, width)."""
     out_hw = (size, size) if isinstance(size, int) else tuple(size)

@@ -2,7 +2,11 @@
 
 The field names are those of the hub's `config.json` (transformers' `DINOv3ViTConfig`), so a config
 file reads straight into `ViTConfig.from_dict` and unknown keys (`architectures`, `stage_names`, ...)
-are ignored. Values: `../shared/reference/dinov3.md` §2, cross-checked against the hub configs.
+are ignored. Values: the hub configs of facebook/dinov3-*-pretrain-lvd1689m (docs/DINOV3.md
+("Released sizes")).
+
+The names the rest of the code chooses between (training methods, pooling, precisions) are defined here
+once; every file imports them from here.
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ import argparse
 import dataclasses
 import re
 from dataclasses import dataclass, field
+
+ADAPTER_METHODS = ("lora", "dora")                 # a frozen DINOv3 + adapters + the head
+DINO_METHODS = (*ADAPTER_METHODS, "frozen")        # every method on the DINOv3 backbone
+SCRATCH_METHODS = ("resnet18", "vit-small")        # the paper's randomly initialised baselines (scratch.py)
+METHODS = (*DINO_METHODS, *SCRATCH_METHODS)
+POOLS = ("cls", "mean", "cls+mean")                # the feature the head reads (DINOv3ViT.features)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ROPE_FROM_CONFIG = "config"                        # --rope-*: keep the backbone config.json's value
 
 
 @dataclass
@@ -85,7 +97,8 @@ def _small(**kw) -> ViTConfig:
 
 
 # Every released DINOv3 ViT (facebook/dinov3-<name>-pretrain-lvd1689m), plus a tiny one for tests
-# with the 7B's structure (SwiGLU, 4 registers, no q/k/v bias). Parameter counts in dinov3.md §2.
+# with the 7B's structure (SwiGLU, 4 registers, no q/k/v bias). Parameter counts in docs/DINOV3.md
+# ("Released sizes").
 PRESETS: dict[str, ViTConfig] = {
     "vits16": _small(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
                      intermediate_size=1536, use_gated_mlp=False, hidden_act="gelu"),
@@ -117,15 +130,16 @@ def resolve_config(config) -> ViTConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Training config: the defaults are the paper's recipe (paper.md §2–§4), read from the authors'
-# notebooks, with their two bugs fixed (one normalisation for train and test; warmup really applied).
+# Training config: the defaults are the paper's recipe (Yang et al. 2026, arXiv:2603.17782; docs/RECIPE.md
+# ("The recipe")), read from the authors' notebooks, with their two bugs fixed (one normalisation for
+# train and test; warmup really applied: docs/RECIPE.md ("Fixes to the recipe")).
 # train.py's command line is generated from these fields, so flags and config cannot drift apart.
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
     # what to train
     method: str = "lora"              # lora (QLoRA with the NF4 base) | dora | frozen | resnet18 | vit-small
-    targets: str = "all-linear"       # q_proj | all-linear | comma list of module-name suffixes
+    targets: str | list[str] = "all-linear"  # q_proj | all-linear | comma list of module-name suffixes
     rank: int = 64                    # the paper's best row: all-linear r64
     alpha: float | None = None        # None: 2·rank, as in every run of the paper
     dropout: float | None = None      # None: 0.1 at rank <= 8, 0.05 above (the notebooks' rule)
@@ -157,9 +171,9 @@ class TrainConfig:
     min_delta: float = 1e-4
     grad_checkpointing: bool = True   # recompute each block in backward
     precision: str = "auto"           # auto: bf16 autocast on GPUs with bf16, else fp16 + GradScaler; fp32 on CPU
-    rope_rescale: str = "config"      # train-time RoPE coordinate augmentation: config (config.json: 2.0 on the hub) | none | a float
-    rope_shift: str = "config"
-    rope_jitter: str = "config"
+    rope_rescale: str | float | None = "config"  # train-time RoPE coordinate augmentation: config (config.json: 2.0 on the hub) | none | a float
+    rope_shift: str | float | None = "config"
+    rope_jitter: str | float | None = "config"
     eval_batch_size: int = 16
     max_steps: int = 0                # stop after this many optimizer steps (0 = no limit); resumable
     # run
@@ -170,11 +184,13 @@ class TrainConfig:
     num_classes: int = 0              # 0 = from the data (--dry-run without data: 9)
 
     def resolved(self) -> "TrainConfig":
-        """Fill the derived defaults (alpha, dropout) and check the choices."""
+        """Check every choice and turn the text of flags and config.json into the values the code uses,
+        once: alpha and dropout filled in, `targets` -> "q_proj" | "all-linear" | [suffix, ...], each
+        `rope_*` -> a float, None (off) or ROPE_FROM_CONFIG. Idempotent: resolving a resolved config (or
+        one read back from a run's config.json, old or new) changes nothing."""
         c = dataclasses.replace(self)
-        checks = {"method": ("lora", "dora", "frozen", "resnet18", "vit-small"), "quant": ("nf4", "none"),
-                  "pool": ("cls", "mean", "cls+mean"), "augment": ("none", "light", "medium", "heavy"),
-                  "precision": ("auto", "bf16", "fp16", "fp32")}
+        checks = {"method": METHODS, "quant": ("nf4", "none"), "pool": POOLS,
+                  "augment": ("none", "light", "medium", "heavy"), "precision": PRECISIONS}
         for name, choices in checks.items():
             if getattr(c, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(c, name)!r}")
@@ -185,10 +201,51 @@ class TrainConfig:
             raise ValueError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
         c.alpha = 2.0 * c.rank if c.alpha is None else c.alpha
         c.dropout = (0.1 if c.rank <= 8 else 0.05) if c.dropout is None else c.dropout
+        c.targets = _parse_targets(c.targets)
+        for name in ROPE_FIELDS:
+            setattr(c, name, _parse_rope(getattr(c, name), "--" + name.replace("_", "-")))
         return c
 
+    def to_dict(self) -> dict:
+        """The form a run's config.json stores (and --dry-run prints): every field as its command-line
+        text, e.g. targets "q_proj,v_proj" and rope_rescale "none", resolved or not."""
+        d = dataclasses.asdict(self)
+        if isinstance(self.targets, (list, tuple)):
+            d["targets"] = ",".join(self.targets)
+        for name in ROPE_FIELDS:
+            value = d[name]
+            d[name] = "none" if value is None else value if isinstance(value, str) else str(float(value))
+        return d
 
-# The paper's 11 rows (paper.md §5). Scratch baselines: AdamW 1e-3, wd 1e-4, batch 32, patience 15.
+
+ROPE_FIELDS = ("rope_rescale", "rope_shift", "rope_jitter")
+
+
+def _parse_targets(targets):
+    """"q_proj" and "all-linear" stay names (inject.py's two shorthands); anything else is a list of
+    module-name suffixes: "q_proj,v_proj" -> ["q_proj", "v_proj"]."""
+    if targets in ("q_proj", "all-linear"):
+        return targets
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    if not names or not all(isinstance(t, str) and t for t in names):
+        raise ValueError(f"--targets takes q_proj, all-linear or a comma list of module-name suffixes, "
+                         f"got {targets!r}")
+    return names
+
+
+def _parse_rope(value, flag: str):
+    """"config" (the backbone's own value), "none" / "off" / "null" (switched off) or a number."""
+    if value is None or value == ROPE_FROM_CONFIG:
+        return value
+    if isinstance(value, str) and value.lower() in ("none", "off", "null"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag} takes 'config', 'none' or a number, got {value!r}") from None
+
+
+# The paper's 11 rows (docs/RECIPE.md ("The 11 configurations")). Scratch baselines: AdamW 1e-3, wd 1e-4, batch 32, patience 15.
 _SCRATCH = dict(lr=1e-3, weight_decay=1e-4, batch_size=32, grad_accum=1, patience=15, epochs=150,
                 grad_checkpointing=False)
 PAPER_RUNS: dict[str, dict] = {

@@ -1,4 +1,4 @@
-"""`train.py --demo`: the whole pipeline on CPU in a minute or two, with nothing downloaded.
+"""`train.py --demo`: the whole pipeline on CPU, with nothing downloaded.
 
 It writes, once, into a cache folder:
   - a small DINOv3-architecture checkpoint in the hub's format (config.json + model.safetensors, the
@@ -20,7 +20,7 @@ from .config import ViTConfig
 from .model import DINOv3ViT
 from .save import atomic_write
 
-# the 7B's structure (SwiGLU, 4 registers, no q/k/v bias) at a size a laptop CPU trains in seconds
+# the 7B's structure (SwiGLU, 4 registers, no q/k/v bias) at a size any CPU trains
 DEMO_CONFIG = ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
                         image_size=64, dtype="float32")
 DEMO_NOTICE = ("DEMO: the backbone is a small randomly initialised DINOv3-architecture model, NOT the "

@@ -26,15 +26,14 @@ that m exists before an optimizer is built over the parameters.
 
 from __future__ import annotations
 
-import re
-
 import torch.nn as nn
 
+from .config import ADAPTER_METHODS
 from .dora import DoRALinear
 from .lora import LoRALinear, base_device, check_adapter_args, init_lora_pair, is_linear
+from .model import in_block
 
-ADAPTERS = {"lora": LoRALinear, "dora": DoRALinear}
-BLOCK_LINEAR = re.compile(r"(.*\.)?layer\.\d+\..+")  # a module inside transformer block N
+ADAPTERS = dict(zip(ADAPTER_METHODS, (LoRALinear, DoRALinear)))  # "lora" -> LoRALinear, "dora" -> DoRALinear
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -46,7 +45,7 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
     """Full module names of the layers `targets` selects (see the module docstring)."""
     modules = dict(model.named_modules())
     if targets == "all-linear":
-        names = [n for n, m in modules.items() if BLOCK_LINEAR.fullmatch(n) and is_linear(m)]
+        names = [n for n, m in modules.items() if in_block(n) and is_linear(m)]
         if not names:
             raise ValueError("targets='all-linear' matched no nn.Linear/NF4Linear inside a transformer block "
                              "(modules named 'layer.<N>.*')")

@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint import NF4_SUFFIX, CheckpointError, open_checkpoint, parse_dtype
-from .model import DINOv3ViT
+from .model import DINOv3ViT, block_linears
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
@@ -28,11 +28,6 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
         mod._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
     else:
         mod._buffers[name] = value
-
-
-def _block_linears(model: DINOv3ViT) -> dict[str, nn.Linear]:
-    """The Linears inside the transformer blocks: the ones QLoRA quantizes (7 per SwiGLU block)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layer.")}
 
 
 def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", progress=None) -> DINOv3ViT:
@@ -46,18 +41,15 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-    source, cfg, raw = open_checkpoint(path, config)
+    source, cfg, config_dict = open_checkpoint(path, config)
     dtype, device = parse_dtype(dtype), torch.device(device)
-    qcfg = (raw or {}).get("quantization_config") or {}
-    prequant = sorted(k[: -len(NF4_SUFFIX)] for k in source.shapes if k.endswith(NF4_SUFFIX))
-    if qcfg and not prequant:
-        raise CheckpointError(f"{path}: config.json has a quantization_config but the weights hold no NF4 state")
+    qcfg, prequant = _prequantized(path, source, config_dict)
     if dtype is None:
         dtype = parse_dtype(qcfg.get("bnb_4bit_compute_dtype") or cfg.dtype)
     with torch.device("meta"):
         model = DINOv3ViT(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # what a full-precision file holds
-    linears = _block_linears(model)
+    linears = block_linears(model)  # the Linears QLoRA quantizes (7 per SwiGLU block)
 
     # 1. swap the Linears that become NF4 (still on meta)
     quantized = set(prequant) if prequant else (set(linears) if quantize == "nf4" else set())
@@ -77,18 +69,7 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
         del expected[name + ".weight"]
 
     # 2. check keys and shapes from the headers before reading a single weight
-    got = {k: s for k, s in source.shapes.items() if k not in nf4_keys}
-    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing:
-        raise CheckpointError(f"{path}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                              f"({len(missing)} in all) for a {cfg.num_hidden_layers}-layer D={cfg.hidden_size} model")
-    if unexpected:
-        k = unexpected[0]
-        raise CheckpointError(f"{source.file_of(k)}: unexpected key(s) {unexpected[:8]} ({len(unexpected)} in all)")
-    for k, s in got.items():
-        if s != expected[k]:
-            raise CheckpointError(f"{source.file_of(k)}: key {k!r} has shape {list(s)}, "
-                                  f"the model expects {list(expected[k])}")
+    _check_keys(path, cfg, source, expected, skip=nf4_keys)
 
     # 3. stream: one tensor in memory at a time
     pending_nf4: dict[str, dict[str, torch.Tensor]] = {}
@@ -112,7 +93,45 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
         target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
         _set_tensor(model, key, t.to(device=device, dtype=target, copy=True))
     bar.close()
-    for name, sd in pending_nf4.items():
+    _load_prequantized(model, source, pending_nf4, device, dtype)
+
+    # 4. the RoPE table is computed, not loaded; then make sure nothing stayed on meta
+    model.rope_embeddings.register_buffer("inv_freq", model.rope_embeddings.compute_inv_freq().to(device),
+                                          persistent=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: {left[:5]} were never loaded")
+    return model.eval()
+
+
+def _prequantized(path, source, config_dict: dict | None) -> tuple[dict, list[str]]:
+    """(quantization_config, names of the Linears stored in NF4) of a checkpoint; both empty if none."""
+    qcfg = (config_dict or {}).get("quantization_config") or {}
+    prequant = sorted(k[: -len(NF4_SUFFIX)] for k in source.shapes if k.endswith(NF4_SUFFIX))
+    if qcfg and not prequant:
+        raise CheckpointError(f"{path}: config.json has a quantization_config but the weights hold no NF4 state")
+    return qcfg, prequant
+
+
+def _check_keys(path, cfg, source, expected: dict[str, tuple], skip: set[str]) -> None:
+    """Every key the model expects, none it does not, each with its shape (from the headers alone)."""
+    got = {k: s for k, s in source.shapes.items() if k not in skip}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                              f"({len(missing)} in all) for a {cfg.num_hidden_layers}-layer D={cfg.hidden_size} model")
+    if unexpected:
+        k = unexpected[0]
+        raise CheckpointError(f"{source.file_of(k)}: unexpected key(s) {unexpected[:8]} ({len(unexpected)} in all)")
+    for k, s in got.items():
+        if s != expected[k]:
+            raise CheckpointError(f"{source.file_of(k)}: key {k!r} has shape {list(s)}, "
+                                  f"the model expects {list(expected[k])}")
+
+
+def _load_prequantized(model: nn.Module, source, pending: dict[str, dict], device, dtype) -> None:
+    """Load the collected bitsandbytes NF4 state of each pre-quantized Linear into its NF4Linear."""
+    for name, sd in pending.items():
         layer = model.get_submodule(name)
         if layer.bias is not None:
             sd["bias"] = layer.bias.detach()
@@ -124,11 +143,3 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
         layer.to(device)
         if dtype is not None:
             layer.compute_dtype = dtype
-
-    # 4. the RoPE table is computed, not loaded; then make sure nothing stayed on meta
-    model.rope_embeddings.register_buffer("inv_freq", model.rope_embeddings.compute_inv_freq().to(device),
-                                          persistent=False)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{path}: {left[:5]} were never loaded")
-    return model.eval()

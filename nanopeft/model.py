@@ -7,20 +7,38 @@
 
 Module and parameter names equal the hub checkpoint keys (`embeddings.patch_embeddings.weight`,
 `layer.3.attention.q_proj.weight`, `layer.3.layer_scale1.lambda1`, `norm.bias`, ...), so a hub state dict
-loads with no renaming and adapter names line up with PEFT's (dinov3.md §3a).
+loads with no renaming and adapter names line up with PEFT's (docs/DINOV3.md ("Checkpoint keys (hub)")).
 References: Siméoni et al. 2025, "DINOv3" (arXiv:2508.10104); RoPE: Su et al. 2021; SwiGLU: Shazeer 2020.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ViTConfig, resolve_config
+from .config import POOLS, ViTConfig, resolve_config
+
+BLOCK_MODULE = re.compile(r"(.*\.)?layer\.\d+\..+")  # `[prefix.]layer.<N>.<anything>`: inside block N
+
+
+def in_block(name: str) -> bool:
+    """Whether a module name lies inside a transformer block (`layer.3.mlp.up_proj`, also under a prefix:
+    `backbone.layer.3.mlp.up_proj`). The one definition of "inside a block": the Linears there are
+    what load.py quantizes to NF4 and what inject.py's targets="all-linear" adapts; the patch
+    embedding, the final norm and a head never are."""
+    return BLOCK_MODULE.fullmatch(name) is not None
+
+
+def block_linears(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)) -> dict[str, nn.Module]:
+    """{name: module} of the Linears inside the transformer blocks, in module order (7 per SwiGLU
+    block: q, k, v, o, gate, up, down; 6 per GELU block). `kinds`: which classes count as a Linear
+    (inject.py adds NF4Linear)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and in_block(n)}
 
 
 class Embeddings(nn.Module):
@@ -43,7 +61,7 @@ class Embeddings(nn.Module):
 
 
 class RopePositionEmbedding(nn.Module):
-    """2-D rotary position embedding over patch centres (DINOv3 §3; dinov3.md §1 step 5).
+    """2-D rotary position embedding over patch centres (DINOv3 §3; docs/DINOV3.md ("RoPE")).
 
     Each of the head_dim/4 frequencies is used once for y and once for x; the table is laid out
     [y-freqs, x-freqs] and tiled twice to pair dimension i with i + head_dim/2 (half-split rotate_half).
@@ -231,15 +249,22 @@ class DINOv3ViT(nn.Module):
     def features(self, pixel_values: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """The image embedding a classification head reads: CLS (the paper), mean of the patch
         tokens (registers excluded), or both concatenated (Meta's linear-probe recipe, 2·D)."""
+        self.feature_dim(pool)                            # validates `pool` before the forward
         x = self(pixel_values)                            # (B, N, D)
         cls, patches = x[:, 0], x[:, self.num_prefix_tokens:]
         if pool == "cls":
             return cls                                    # (B, D)
         if pool == "mean":
             return patches.mean(dim=1)                    # (B, D)
-        if pool == "cls+mean":
-            return torch.cat([cls, patches.mean(dim=1)], dim=-1)  # (B, 2D)
-        raise ValueError(f"pool must be 'cls', 'mean' or 'cls+mean', got {pool!r}")
+        return torch.cat([cls, patches.mean(dim=1)], dim=-1)  # (B, 2D)
 
     def feature_dim(self, pool: str = "cls") -> int:
-        return 2 * self.config.hidden_size if pool == "cls+mean" else self.config.hidden_size
+        """Width of `features(x, pool)`: D, or 2·D for "cls+mean" (the head's input width)."""
+        return pooled_width(self.config.hidden_size, pool)
+
+
+def pooled_width(hidden_size: int, pool: str = "cls") -> int:
+    """The one definition of the pooled feature width: D, or 2·D when CLS and mean-patch are concatenated."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    return 2 * hidden_size if pool == "cls+mean" else hidden_size

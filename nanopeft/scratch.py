@@ -1,17 +1,19 @@
 """The paper's two from-scratch baselines: ResNet-18 and ViT-Small/16, in plain torch.
 
-    pixels (B, 3, H, W) ─► backbone ─► (B, F) ─► classifier ─► (B, C) logits
+    pixels (B, 3, H, W) ─► backbone ─► (B, F) ─► head ─► (B, C) logits
 
     resnet18 : torchvision's `resnet18(weights=None)` minus `fc`           F = 512
-               classifier = Dropout(p) ─ Linear(512, 256) ─ ReLU ─ Dropout(p/2) ─ Linear(256, C)
+               head = Dropout(p) ─ Linear(512, 256) ─ ReLU ─ Dropout(p/2) ─ Linear(256, C)
     vit-small: timm's `vit_small_patch16_224(num_classes=0)` (CLS after the final norm)   F = 384
-               classifier = LayerNorm ─ Dropout(p) ─ Linear(384, 384) ─ GELU ─ Dropout(p/2) ─ Linear(384, C)
+               head = LayerNorm ─ Dropout(p) ─ Linear(384, 384) ─ GELU ─ Dropout(p/2) ─ Linear(384, C)
 
 The heads are the ones in the seed notebook `TrainFromScatch_Preprocesing Pipeline Val = 1.ipynb`
-(Module 8, `dropout_rate=0.5`; the second dropout is half the first, which paper.md §5 leaves out).
+(Module 8, `dropout_rate=0.5`; the second dropout is half the first, which the paper's text leaves
+out: docs/RECIPE.md ("The 11 configurations")).
 Its printed totals for C = 9, 11,310,153 (ResNet-18) and 21,817,737 (ViT-Small), are tested.
-Module names equal torchvision's / timm's and the wrapper's are `backbone` / `classifier` as in the
-notebook, so state dicts from either library (or the notebook's checkpoints) load without a remap.
+Module names equal torchvision's / timm's and the wrapper's state-dict keys are `backbone.*` /
+`classifier.*` as in the notebook (the attribute is `.head`, head.HEAD_KEY keeps the keys), so state
+dicts from either library (or the notebook's checkpoints) load without a remap.
 No pretraining anywhere: these are the "what does a foundation model buy us" baselines.
 """
 
@@ -20,6 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config import SCRATCH_METHODS
+from .head import keep_head_file_keys
 
 # ---------------------------------------------------------------------------------------------
 # ResNet-18 (He et al. 2016, "Deep Residual Learning", Table 1 "18-layer"), torchvision's layout
@@ -209,12 +214,16 @@ class ViTSmall(nn.Module):
 
 
 class ScratchModel(nn.Module):
-    def __init__(self, backbone: nn.Module, classifier: nn.Module):
+    """A trunk whose forward returns (B, F) features, then `head`. As in head.Classifier, the head's
+    keys stay `classifier.*` in saved files (the whole network is saved: save.py's extra_state)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
-        self.backbone, self.classifier = backbone, classifier
+        self.backbone, self.head = backbone, head
+        keep_head_file_keys(self)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.backbone(pixel_values))            # (B, F) -> (B, C)
+        return self.head(self.backbone(pixel_values))                  # (B, F) -> (B, C)
 
 
 def resnet_head(in_dim: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:
@@ -237,9 +246,6 @@ def vit_head(in_dim: int, num_classes: int, dropout: float = 0.5) -> nn.Sequenti
     return head
 
 
-SCRATCH_MODELS = ("resnet18", "vit-small")
-
-
 def build_scratch(name: str, num_classes: int, dropout: float = 0.5, image_size: int = 224) -> ScratchModel:
     """A randomly initialised baseline whose `forward(pixel_values)` returns (B, num_classes) logits.
 
@@ -252,4 +258,4 @@ def build_scratch(name: str, num_classes: int, dropout: float = 0.5, image_size:
     if key == "vit-small":
         trunk = ViTSmall(image_size=image_size)
         return ScratchModel(trunk, vit_head(trunk.out_dim, num_classes, dropout))
-    raise ValueError(f"scratch.py: unknown baseline {name!r}; choose one of {SCRATCH_MODELS}")
+    raise ValueError(f"scratch.py: unknown baseline {name!r}; choose one of {SCRATCH_METHODS}")

@@ -19,9 +19,10 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluate  # noqa: E402  (the repo's eval.py)
 import train  # noqa: E402
-from nanopeft.config import PAPER_RUNS  # noqa: E402
+from nanopeft.config import ADAPTER_METHODS, PAPER_RUNS  # noqa: E402
 
-# the study's published test accuracies (paper.md §5) beside ours
+# the study's published test accuracies (Yang et al. 2026, arXiv:2603.17782; docs/RECIPE.md
+# ("The 11 configurations")) beside ours
 PUBLISHED = {"resnet18-scratch": 0.7287, "vit-small-scratch": 0.6191, "dinov3-frozen": 0.7656,
              "qlora-q_proj-r8": 0.7717, "qlora-q_proj-r16": 0.7838, "qlora-all-linear-r16": 0.8040,
              "qlora-all-linear-r64": 0.8316, "dora-q_proj-r8": 0.8153, "dora-q_proj-r16": 0.8103,
@@ -32,8 +33,8 @@ def row_markdown(name: str, run: Path) -> str:
     cfg = json.loads((run / "config.json").read_text())
     t, s = cfg["train"], json.loads((run / "summary.json").read_text())
     m = json.loads((run / "metrics.json").read_text())
-    dino = t["method"] in ("lora", "dora")
-    return (f"| {name} | {t['method']} | {t['targets'] if dino else '-'} | {t['rank'] if dino else '-'} | "
+    adapted = t["method"] in ADAPTER_METHODS
+    return (f"| {name} | {t['method']} | {t['targets'] if adapted else '-'} | {t['rank'] if adapted else '-'} | "
             f"{cfg['parameters']['trainable']:,} | {s['train_time_s'] / 60:.1f} | {m['accuracy']:.4f} | "
             f"{PUBLISHED.get(name, float('nan')):.4f} | {m['weighted_f1']:.4f} | {m['macro_f1']:.4f} | "
             f"{s['peak_memory_mb'] / 1024:.1f} |")

@@ -7,7 +7,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def make_hf_model(gated: bool = True, registers: int = 4, seed: int = 0, **overrides):
-    """A random tiny transformers DINOv3ViTModel with every tensor non-trivial (dinov3.md §6).
+    """A random tiny transformers DINOv3ViTModel with every tensor non-trivial (docs/DINOV3.md
+    ("Parity with transformers")).
 
     gated=True has the 7B's structure (SwiGLU, no q/k/v bias); gated=False the S/B/L one (GELU MLP,
     q and v biases). in_features are multiples of 64, so bitsandbytes' CPU kernels are valid oracles.
@@ -48,3 +49,65 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+# ---- structure helpers
+# Shared by test_inject.py and test_save.py: the same input and the same PEFT reference model.
+# Each fixture hands out the value or the function; a test that asks for one skips only itself when
+# the reference library it calls is missing.
+
+PIXELS = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))  # 4 × 6 patches of 16
+
+
+def make_bnb_config():
+    """transformers' 4-bit config equal to our NF4 (double quantization, fp32 compute)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+
+
+def make_peft_model(ckpt, method, targets, nf4=False, dropout=0.0, r=4, alpha=8, **config):
+    """PEFT on transformers' DINOv3ViTModel (bnb 4-bit for nf4) with B != 0 and perturbed magnitudes."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    kw = dict(quantization_config=make_bnb_config(), device_map="cpu") if nf4 else {}
+    hf = transformers.DINOv3ViTModel.from_pretrained(ckpt, **kw, **config)
+    for m in hf.modules():  # bnb's CPU eval path repacks the weight into another layout (docs/NF4.md
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # ("bitsandbytes CPU traps")): keep the plain one
+            m.support_avx512bf16_for_cpu = False
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj"] if targets == "q_proj" else targets,
+                          use_dora=method == "dora", lora_dropout=dropout, init_lora_weights=False)
+    pm = peft.get_peft_model(hf, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    return pm
+
+
+@pytest.fixture
+def hf_model():
+    """Factory: hf_model(gated=True, registers=4, seed=0, **config) -> make_hf_model's transformers model
+    (skips without transformers)."""
+    return make_hf_model
+
+
+@pytest.fixture
+def pixels():
+    """(2, 3, 64, 96) fixed random images."""
+    return PIXELS.clone()
+
+
+@pytest.fixture
+def bnb_config():
+    """Factory: bnb_config() -> transformers.BitsAndBytesConfig (skips without transformers / bitsandbytes)."""
+    return make_bnb_config
+
+
+@pytest.fixture
+def peft_model():
+    """Factory: peft_model(ckpt, method, targets, nf4=False, dropout=0.0, r=4, alpha=8, **hf_config)
+    -> a PEFT model with non-zero B and perturbed DoRA magnitudes (skips without transformers / peft)."""
+    return make_peft_model

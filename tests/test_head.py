@@ -7,12 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanopeft.head import Classifier, head_in_dim, make_head
+from nanopeft.head import Classifier, make_head
+from nanopeft.model import pooled_width
 
 
 def test_paper_parameter_count():
     head = make_head(4096, 9)
-    # 4096·1024 + 1024  +  1024·512 + 512  +  512·9 + 9  (dinov3.md §4; the authors' printed count)
+    # 4096·1024 + 1024  +  1024·512 + 512  +  512·9 + 9  (the authors' printed count)
     assert sum(p.numel() for p in head.parameters()) == 4_724_745
     assert [tuple(m.weight.shape) for m in head if isinstance(m, nn.Linear)] == [(1024, 4096), (512, 1024), (9, 512)]
     assert all(p.dtype == torch.float32 for p in head.parameters())
@@ -58,11 +59,7 @@ def test_forward_is_the_mlp_and_loads_notebook_layout():
     assert not torch.allclose(head(x), ref)
 
 
-def test_head_in_dim_and_errors():
-    assert head_in_dim(4096, "cls") == 4096 and head_in_dim(4096, "mean") == 4096
-    assert head_in_dim(4096, "cls+mean") == 8192
-    with pytest.raises(ValueError, match="pool"):
-        head_in_dim(64, "max")
+def test_head_errors():
     with pytest.raises(ValueError, match="num_classes"):
         make_head(64, 0)
     with pytest.raises(ValueError, match="dropout"):
@@ -84,11 +81,11 @@ class _Bf16Backbone(nn.Module):
 def test_classifier_casts_features_to_fp32():
     torch.manual_seed(0)
     bb = _Bf16Backbone()
-    model = Classifier(bb, make_head(head_in_dim(8, "cls+mean"), 4), pool="cls+mean").eval()
+    model = Classifier(bb, make_head(pooled_width(8, "cls+mean"), 4), pool="cls+mean").eval()
     x = torch.randn(3, 3, 2, 2)
     out = model(x)
     assert out.dtype == torch.float32 and out.shape == (3, 4)
-    torch.testing.assert_close(out, model.classifier(bb.features(x, "cls+mean").float()))
+    torch.testing.assert_close(out, model.head(bb.features(x, "cls+mean").float()))
     assert {k.split(".")[0] for k in model.state_dict()} == {"backbone", "classifier"}
     with pytest.raises(ValueError, match="pool"):
         Classifier(bb, make_head(8, 4), pool="avg")
@@ -100,16 +97,16 @@ def test_classifier_on_dinov3(pool):
     torch.manual_seed(0)
     bb = DINOv3ViT("tiny").eval()
     D = bb.config.hidden_size
-    model = Classifier(bb, make_head(head_in_dim(D, pool), 9), pool=pool).eval()
+    model = Classifier(bb, make_head(pooled_width(D, pool), 9), pool=pool).eval()
     x = torch.randn(2, 3, 32, 48)
     tokens = bb(x)                                             # (B, 1 + 4 + 2·3, D)
     cls, patches = tokens[:, 0], tokens[:, 5:]                 # registers (1..4) are not pooled
     feat = {"cls": cls, "mean": patches.mean(1), "cls+mean": torch.cat([cls, patches.mean(1)], -1)}[pool]
-    torch.testing.assert_close(model(x), model.classifier(feat))
+    torch.testing.assert_close(model(x), model.head(feat))
     # a step trains the head (and only touches what requires grad)
     for p in bb.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(model.classifier.parameters(), lr=1e-3)   # the recipe at 10x lr
+    opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3)   # the recipe at 10x lr
     y = torch.tensor([1, 7])
     before = F.cross_entropy(model(x), y)
     for _ in range(3):
@@ -117,3 +114,25 @@ def test_classifier_on_dinov3(pool):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert F.cross_entropy(model(x), y) < before
+
+
+def test_head_keys_in_files_stay_classifier():
+    """The attribute is `.head`, but state dicts (resume.pt, adapter files, the notebooks' checkpoints)
+    keep `classifier.*`: old files load, new files equal old ones."""
+    from nanopeft.head import file_key
+
+    torch.manual_seed(0)
+    model = Classifier(_Bf16Backbone(), make_head(8, 4))
+    sd = model.state_dict()
+    assert list(sd) == ["backbone.proj.weight", "backbone.proj.bias"] + [
+        f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")]  # the order of old files too
+    assert [file_key(n) for n, _ in model.named_parameters()] == list(sd)
+    old = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in sd.items()}
+    fresh = Classifier(_Bf16Backbone(), make_head(8, 4))
+    assert fresh.load_state_dict(old, strict=True)  # no missing, no unexpected keys
+    torch.testing.assert_close(fresh.head[6].weight, old["classifier.6.weight"])
+    with pytest.raises(RuntimeError, match="head.0.weight"):  # an old-named key missing is still caught
+        fresh.load_state_dict({k: v for k, v in old.items() if k != "classifier.0.weight"}, strict=True)
+    outer = nn.ModuleDict({"m": fresh})  # under a prefix as well
+    assert "m.classifier.0.weight" in outer.state_dict()
+    outer.load_state_dict(outer.state_dict(), strict=True)

@@ -12,34 +12,7 @@ from nanopeft.lora import LoRALinear
 from nanopeft.model import DINOv3ViT
 from nanopeft.nf4 import NF4Linear
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-R, ALPHA = 4, 8
-PIXELS = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))  # 4 × 6 patches
-
-
-def bnb_config():
-    pytest.importorskip("bitsandbytes")
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-
-
-def peft_model(ckpt, method, targets, nf4=False, dropout=0.0, **config):
-    """PEFT on transformers' DINOv3ViTModel (bnb 4-bit for nf4) with B != 0 and perturbed magnitudes."""
-    kw = dict(quantization_config=bnb_config(), device_map="cpu") if nf4 else {}
-    hf = transformers.DINOv3ViTModel.from_pretrained(ckpt, **kw, **config)
-    for m in hf.modules():  # bnb's CPU eval path repacks the weight into another layout (peft_nf4.md §4.8)
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"] if targets == "q_proj" else targets,
-                          use_dora=method == "dora", lora_dropout=dropout, init_lora_weights=False)
-    pm = peft.get_peft_model(hf, cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-    return pm
+R, ALPHA = 4, 8  # conftest's peft_model defaults
 
 
 def ours_like(ckpt, pm, method, targets, nf4=False, dropout=0.0):
@@ -59,23 +32,23 @@ def ours_like(ckpt, pm, method, targets, nf4=False, dropout=0.0):
 @pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4"])
 @pytest.mark.parametrize("targets", ["q_proj", "all-linear"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_forward_equals_peft(tiny_ckpt, method, targets, nf4):
+def test_forward_equals_peft(tiny_ckpt, peft_model, pixels, method, targets, nf4):
     ckpt, _ = tiny_ckpt(gated=True)
     pm = peft_model(ckpt, method, targets, nf4).eval()
     ours = ours_like(ckpt, pm, method, targets, nf4).eval()
     assert len(adapter_layers(ours)) == (2 if targets == "q_proj" else 14)
     assert all(isinstance(w.base_layer, NF4Linear if nf4 else nn.Linear) for _, w in adapter_layers(ours))
     with torch.no_grad():
-        ref = pm(pixel_values=PIXELS).last_hidden_state
+        ref = pm(pixel_values=pixels).last_hidden_state
         with pm.disable_adapter():
-            plain = pm(pixel_values=PIXELS).last_hidden_state
-        out = ours(PIXELS)
+            plain = pm(pixel_values=pixels).last_hidden_state
+        out = ours(pixels)
     assert (ref - plain).abs().max() > 1e-2  # the adapters change the output ...
     assert (out - ref).abs().max() <= 1e-5, (out - ref).abs().max()  # ... exactly as PEFT's do
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_gelu_model_all_linear_and_train_mode_dropout_equal_peft(tiny_ckpt, method):
+def test_gelu_model_all_linear_and_train_mode_dropout_equal_peft(tiny_ckpt, peft_model, pixels, method):
     """GELU blocks (6 Linears, q/v biases), train mode with dropout: same RNG draws, same output."""
     ckpt, _ = tiny_ckpt(gated=False)
     pm = peft_model(ckpt, method, "all-linear", dropout=0.2, pos_embed_rescale=None)  # no RoPE jitter
@@ -84,16 +57,16 @@ def test_gelu_model_all_linear_and_train_mode_dropout_equal_peft(tiny_ckpt, meth
     assert len(adapter_layers(ours)) == 12
     pm.train(), ours.train()
     torch.manual_seed(3)
-    ref = pm(pixel_values=PIXELS).last_hidden_state
+    ref = pm(pixel_values=pixels).last_hidden_state
     torch.manual_seed(3)
-    out = ours(PIXELS)
+    out = ours(pixels)
     assert (out - ref).abs().max() <= 1e-5, (out - ref).abs().max()
     torch.manual_seed(4)
-    assert (ours(PIXELS) - out).abs().max() > 1e-4  # another mask, another output: dropout is live
+    assert (ours(pixels) - out).abs().max() > 1e-4  # another mask, another output: dropout is live
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_one_adamw_step_equals_peft_and_leaves_the_base_alone(tiny_ckpt, tmp_path, method):
+def test_one_adamw_step_equals_peft_and_leaves_the_base_alone(tiny_ckpt, peft_model, pixels, tmp_path, method):
     from safetensors.torch import load_file
 
     from nanopeft.save import save_adapter
@@ -104,7 +77,7 @@ def test_one_adamw_step_equals_peft_and_leaves_the_base_alone(tiny_ckpt, tmp_pat
     ours.set_rope_augmentation(None, None, None)
     frozen = {k: v.clone() for k, v in ours.state_dict().items() if "lora_" not in k}
     grads = []
-    for model, run in ((pm, lambda: pm(pixel_values=PIXELS).last_hidden_state), (ours, lambda: ours(PIXELS))):
+    for model, run in ((pm, lambda: pm(pixel_values=pixels).last_hidden_state), (ours, lambda: ours(pixels))):
         model.train()
         named = sorted((n.replace("base_model.model.model.", "").replace(".default", ""), p)
                        for n, p in model.named_parameters() if p.requires_grad)  # same names, same order
@@ -136,7 +109,7 @@ COUNTS = {("lora", "q_proj", 8): 2_621_440, ("lora", "q_proj", 16): 5_242_880,
 
 @pytest.mark.parametrize("method,targets,rank", sorted(COUNTS))
 def test_vit7b_trainable_counts_on_meta(method, targets, rank):
-    """dinov3.md §4: the exact counts PEFT prints for ViT-7B/16 (no weights needed)."""
+    """The exact counts PEFT's print_trainable_parameters gives for ViT-7B/16 (no weights needed)."""
     with torch.device("meta"):
         model = DINOv3ViT(PRESETS["vit7b16"])
     assert add_adapters(model, method=method, rank=rank, alpha=2 * rank, targets=targets) == \
@@ -147,7 +120,7 @@ def test_vit7b_trainable_counts_on_meta(method, targets, rank):
 class WithHead(nn.Module):
     def __init__(self, backbone):
         super().__init__()
-        self.backbone, self.classifier = backbone, nn.Linear(64, 3)
+        self.backbone, self.head = backbone, nn.Linear(64, 3)
 
 
 def test_targets_and_freezing():
@@ -156,7 +129,7 @@ def test_targets_and_freezing():
     names = [name for name, _ in adapter_layers(model)]
     assert len(names) == 14 and all(".layer." in x for x in names)
     assert n == 2 * (4 * 2 * (64 + 64) + 3 * 2 * (64 + 128))  # per block: 4 attention (64→64), 3 MLP (64↔128)
-    assert isinstance(model.classifier, nn.Linear) and not model.classifier.weight.requires_grad
+    assert isinstance(model.head, nn.Linear) and not model.head.weight.requires_grad
     assert {p.requires_grad for name, p in model.named_parameters()} == {True, False}
     assert all(("lora_A" in name or "lora_B" in name) == p.requires_grad for name, p in model.named_parameters())
     model = DINOv3ViT(PRESETS["tiny"])
@@ -219,7 +192,7 @@ def test_dora_built_on_meta_is_initialised_after_loading():
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_merge_equals_unmerged(tiny_ckpt, method, nf4):
+def test_merge_equals_unmerged(tiny_ckpt, pixels, method, nf4):
     ckpt, _ = tiny_ckpt(gated=True)
     model = load_dinov3(ckpt, quantize="nf4" if nf4 else None)
     add_adapters(model, method=method, rank=R, alpha=ALPHA, targets="all-linear")
@@ -229,9 +202,9 @@ def test_merge_equals_unmerged(tiny_ckpt, method, nf4):
             w.lora_B.weight.normal_(0, 0.05)
             if method == "dora":
                 w.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn_like(w.lora_magnitude_vector))
-        before = model(PIXELS)
+        before = model(pixels)
         assert merge_adapters(model) == 14
-        after = model(PIXELS)
+        after = model(pixels)
     assert not adapter_layers(model)
     assert all(type(model.get_submodule(f"layer.{i}.mlp.up_proj")) is nn.Linear for i in range(2))
     assert (before - after).abs().max() <= 1e-5

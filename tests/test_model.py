@@ -5,10 +5,11 @@ import torch
 import torch.nn as nn
 
 from nanopeft import PRESETS, DINOv3ViT, ViTConfig
+from nanopeft.model import block_linears, in_block, pooled_width
 
-transformers = pytest.importorskip("transformers")
 
-# parameter counts of every released size: transformers' DINOv3ViTModel built on meta (dinov3.md §2)
+# parameter counts of every released size: transformers' DINOv3ViTModel built on meta (docs/DINOV3.md
+# ("Released sizes"))
 RELEASED = {"vits16": 21_596_544, "vits16plus": 28_692_864, "vitb16": 85_660_416,
             "vitl16": 303_129_600, "vith16plus": 840_592_640, "vit7b16": 6_716_035_072}
 
@@ -22,10 +23,8 @@ def ours_from(hf_model) -> DINOv3ViT:
 
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("registers", [4, 0, 2])
-def test_forward_equals_transformers(gated, registers):
-    from conftest import make_hf_model
-
-    hf = make_hf_model(gated=gated, registers=registers)
+def test_forward_equals_transformers(hf_model, gated, registers):
+    hf = hf_model(gated=gated, registers=registers)
     ours = ours_from(hf)
     x = torch.randn(2, 3, 64, 96)  # non-square: 4 × 6 patches
     with torch.no_grad():
@@ -36,20 +35,16 @@ def test_forward_equals_transformers(gated, registers):
         assert (ours.features(x, "cls") - ref.pooler_output).abs().max() <= 1e-5
 
 
-def test_non_multiple_of_patch_is_cropped_like_transformers():
-    from conftest import make_hf_model
-
-    hf = make_hf_model()
+def test_non_multiple_of_patch_is_cropped_like_transformers(hf_model):
+    hf = hf_model()
     ours = ours_from(hf)
     x = torch.randn(1, 3, 70, 50)
     with torch.no_grad():
         assert (ours(x) - hf(pixel_values=x).last_hidden_state).abs().max() <= 1e-5
 
 
-def test_pooling_variants():
-    from conftest import make_hf_model
-
-    ours = ours_from(make_hf_model())
+def test_pooling_variants(hf_model):
+    ours = ours_from(hf_model())
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         tokens = ours(x)
@@ -63,6 +58,7 @@ def test_pooling_variants():
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_sizes_on_meta(name):
+    transformers = pytest.importorskip("transformers")
     with torch.device("meta"):
         ours = DINOv3ViT(PRESETS[name])
         hf = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**{
@@ -80,13 +76,32 @@ def test_7b_counts():
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 280
     assert "layer.39.mlp.gate_proj" in linears and "layer.0.attention.q_proj" in linears
+    assert list(block_linears(model)) == linears  # every Linear of the ViT lies inside a block
+
+
+def test_in_block_is_the_one_definition_of_a_block_module():
+    for name in ("layer.0.attention.q_proj", "layer.39.mlp.down_proj", "backbone.layer.3.mlp.up_proj",
+                 "backbone.layer.3.attention.q_proj.base_layer"):
+        assert in_block(name), name
+    for name in ("layer", "layer.0", "embeddings.patch_embeddings", "norm", "head.0", "classifier.0",
+                 "backbone.norm", "mylayer.0.x", "layer.x.q_proj"):
+        assert not in_block(name), name
+    model = nn.ModuleDict({"backbone": DINOv3ViT("tiny"), "head": nn.Linear(64, 3)})
+    names = list(block_linears(model))
+    assert len(names) == 14 and all(n.startswith("backbone.layer.") for n in names)
+
+
+def test_pooled_width():
+    model = DINOv3ViT("tiny")
+    assert [model.feature_dim(p) for p in ("cls", "mean", "cls+mean")] == [64, 64, 128]
+    assert pooled_width(4096, "cls+mean") == 8192
+    with pytest.raises(ValueError, match="pool"):
+        pooled_width(64, "max")
     assert model.layer[0].attention.q_proj.bias is None and model.layer[0].attention.o_proj.bias is not None
 
 
-def test_rope_augmentation_train_only():
-    from conftest import make_hf_model
-
-    ours = ours_from(make_hf_model())
+def test_rope_augmentation_train_only(hf_model):
+    ours = ours_from(hf_model())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = ours.eval()(x)
@@ -103,11 +118,9 @@ def test_rope_augmentation_train_only():
         assert torch.equal(ours(x), ref)  # eval mode never augments
 
 
-def test_rope_augmentation_matches_transformers_rng():
+def test_rope_augmentation_matches_transformers_rng(hf_model):
     """Same seed, same draw: our train-mode coordinates follow HF's order of random calls."""
-    from conftest import make_hf_model
-
-    hf = make_hf_model(pos_embed_shift=0.1, pos_embed_jitter=1.2, pos_embed_rescale=2.0)
+    hf = hf_model(pos_embed_shift=0.1, pos_embed_jitter=1.2, pos_embed_rescale=2.0)
     ours = ours_from(hf)
     hf.train(), ours.train()
     x = torch.randn(1, 3, 48, 64)
@@ -119,10 +132,8 @@ def test_rope_augmentation_matches_transformers_rng():
     assert (out - ref).abs().max() <= 1e-5
 
 
-def test_gradient_checkpointing_same_gradients():
-    from conftest import make_hf_model
-
-    ours = ours_from(make_hf_model()).train().set_rope_augmentation(None, None, None)
+def test_gradient_checkpointing_same_gradients(hf_model):
+    ours = ours_from(hf_model()).train().set_rope_augmentation(None, None, None)
     x = torch.randn(2, 3, 32, 32)
     grads = []
     for ckpt in (False, True):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from test_inject import PIXELS, bnb_config, peft_model
+from conftest import PIXELS, make_bnb_config as bnb_config, make_peft_model as peft_model  # bridge: test_save owner moves to the fixtures
 
 import nanopeft.save as save_mod
 from nanopeft.load import load_dinov3

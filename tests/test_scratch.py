@@ -47,6 +47,12 @@ def test_resnet18_parameter_counts(resnet):
               "layer4.1.bn2.num_batches_tracked", "layer4.0.downsample.1.bias"):
         assert k in keys, k
     assert "layer1.0.downsample.0.weight" not in keys                        # no projection in stage 1
+    # the notebook's wrapper keys (and our saved files) stay backbone.* / classifier.*; attribute `.head`
+    full = list(resnet.state_dict())
+    assert full[-4:] == ["classifier.1.weight", "classifier.1.bias", "classifier.4.weight", "classifier.4.bias"]
+    fresh = build_scratch("resnet18", 9)
+    fresh.load_state_dict(resnet.state_dict(), strict=True)
+    assert torch.equal(fresh.head[4].weight, resnet.head[4].weight)
 
 
 def test_vit_small_parameter_counts():
@@ -88,7 +94,7 @@ def test_init(resnet):
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (512 * 9)), rel=0.01)   # fan_out
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0)
                for m in trunk.modules() if isinstance(m, nn.BatchNorm2d))
-    head = resnet.classifier[1]
+    head = resnet.head[1]
     assert head.weight.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.02)
     torch.manual_seed(0)
     v = ViTSmall(image_size=32)

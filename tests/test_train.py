@@ -158,10 +158,11 @@ def test_saved_adapter_loads_in_peft(tmp_path, data, tiny_ckpt):
     folder, _ = tiny_ckpt(gated=True)
     out, _ = run_train(tmp_path, "peft", "--method", "dora", "--targets", "all-linear", "--weights", folder,
                        "--data", data, "--epochs", "1", "--quant", "none")
-    from nanopeft.pipeline import build_classifier, load_run_weights
+    from nanopeft.build import build_classifier
+    from nanopeft.run import load_run_weights
 
     saved = json.loads((out / "config.json").read_text())
-    cfg = TrainConfig(**saved["train"])
+    cfg = TrainConfig(**saved["train"])  # as read from the file: build_classifier resolves it
     ours = build_classifier(cfg, saved["num_classes"], torch.device("cpu"), adapters=False)
     load_run_weights(ours, cfg, out / "adapter")
     base = transformers.DINOv3ViTModel.from_pretrained(folder)

@@ -1,0 +1,80 @@
+"""Build the classifier a run describes: the frozen backbone, its adapters and the head (or a baseline).
+
+    TrainConfig ─► backbone: load_dinov3(weights, quantize="nf4")  (or on meta for --dry-run)
+                   └─► add_adapters(method, rank, alpha, dropout, targets)   (lora | dora; frozen: none)
+                ─► head: make_head(D, C)  ─►  Classifier(backbone, head, pool)
+               or ─► build_scratch("resnet18" | "vit-small", C)          (the paper's baselines)
+
+train.py builds it with fresh adapters; eval.py rebuilds it without them (adapters=False) and loads
+the run folder's `adapter/` (run.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import guess_preset
+from .config import ADAPTER_METHODS, ROPE_FROM_CONFIG, SCRATCH_METHODS, TrainConfig, ViTConfig, resolve_config
+from .head import Classifier, make_head
+from .model import DINOv3ViT
+
+
+def backbone_config(weights: str) -> ViTConfig:
+    """The architecture without the weights: config.json if the folder has one, else the preset its
+    name says (default: the paper's 7B). A copy: the model's RoPE switch writes to its config."""
+    cfg_file = Path(weights) / "config.json"
+    if cfg_file.is_file():
+        return ViTConfig.from_dict(json.loads(cfg_file.read_text()))
+    return resolve_config(guess_preset(Path(weights).name) or "vit7b16")
+
+
+def build_backbone(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, meta: bool = False):
+    """The frozen DINOv3 of a resolved config: NF4 or full precision, its RoPE augmentation set."""
+    from .load import load_dinov3
+
+    if meta:
+        with torch.device("meta"):
+            backbone = DINOv3ViT(backbone_config(cfg.weights))
+    else:
+        quantize = "nf4" if cfg.quant == "nf4" else None
+        backbone = load_dinov3(cfg.weights, quantize=quantize, dtype=dtype, device=device)
+    c = backbone.config
+
+    def rope(value, own):  # --rope-* "config": the backbone config.json's own value (the hub's rescale: 2.0)
+        return own if value == ROPE_FROM_CONFIG else value
+
+    backbone.set_rope_augmentation(shift=rope(cfg.rope_shift, c.pos_embed_shift),
+                                   jitter=rope(cfg.rope_jitter, c.pos_embed_jitter),
+                                   rescale=rope(cfg.rope_rescale, c.pos_embed_rescale))
+    backbone.requires_grad_(False)  # the base is frozen: only adapters and the head train
+    backbone.gradient_checkpointing = cfg.grad_checkpointing
+    return backbone
+
+
+def build_classifier(cfg: TrainConfig, num_classes: int, device: torch.device,
+                     dtype: torch.dtype | None = None, meta: bool = False, adapters: bool = True) -> nn.Module:
+    """The model a run trains. `dtype` is the backbone's weight / NF4 compute dtype (None: the file's).
+    adapters=False leaves them out (eval.py loads them from the run folder instead). `cfg` may be
+    unresolved (read straight from a config.json): it is resolved here."""
+    from .scratch import build_scratch
+
+    cfg = cfg.resolved()
+    if cfg.method in SCRATCH_METHODS:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = build_scratch(cfg.method, num_classes, dropout=cfg.head_dropout, image_size=cfg.image_size)
+        return model if meta else model.to(device)
+    backbone = build_backbone(cfg, device, dtype, meta=meta)
+    if cfg.method in ADAPTER_METHODS and adapters:
+        from .inject import add_adapters
+
+        add_adapters(backbone, method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                     targets=cfg.targets, use_rslora=cfg.use_rslora)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        head = make_head(backbone.feature_dim(cfg.pool), num_classes, dropout=cfg.head_dropout)
+    model = Classifier(backbone, head, pool=cfg.pool)
+    return model if meta else model.to(device)

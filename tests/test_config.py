@@ -1,0 +1,52 @@
+"""nanopeft/config.py: TrainConfig.resolved() checks and types the config once; to_dict() is the file form."""
+
+import dataclasses
+import json
+
+import pytest
+
+from nanopeft.config import (ADAPTER_METHODS, DINO_METHODS, METHODS, PAPER_RUNS, ROPE_FROM_CONFIG,
+                             SCRATCH_METHODS, TrainConfig)
+
+
+def test_resolved_types_targets_and_rope_once():
+    c = TrainConfig(targets="q_proj, v_proj", rope_rescale="none", rope_shift="0.5", rope_jitter="config",
+                    rank=8).resolved()
+    assert c.targets == ["q_proj", "v_proj"]
+    assert (c.rope_rescale, c.rope_shift, c.rope_jitter) == (None, 0.5, ROPE_FROM_CONFIG)
+    assert (c.alpha, c.dropout) == (16.0, 0.1)  # 2·rank; 0.1 at rank <= 8
+    assert TrainConfig(targets="q_proj").resolved().targets == "q_proj"
+    assert TrainConfig(targets="all-linear").resolved().targets == "all-linear"
+    assert TrainConfig(targets="v_proj").resolved().targets == ["v_proj"]
+    assert TrainConfig(rope_rescale="off").resolved().rope_rescale is None
+    assert TrainConfig(rope_rescale=2).resolved().rope_rescale == 2.0
+    assert c.resolved() == c  # idempotent
+
+
+@pytest.mark.parametrize("field,value,flag", [("targets", " , ", "--targets"), ("rope_shift", "lots", "--rope-shift"),
+                                              ("method", "qlora", "--method"), ("pool", "max", "--pool"),
+                                              ("rank", 0, "--rank")])
+def test_bad_values_name_the_flag(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        TrainConfig(**{field: value}).resolved()
+
+
+def test_to_dict_is_the_command_line_form_and_reads_back():
+    """config.json stores the text a user typed: an old run's file (strings) and a new one are the same,
+    and both resolve to the same config."""
+    old = dataclasses.asdict(TrainConfig(targets="q_proj,v_proj", rope_rescale="none", rope_shift="0.5"))
+    c = TrainConfig(**old).resolved()
+    d = c.to_dict()
+    assert (d["targets"], d["rope_rescale"], d["rope_shift"], d["rope_jitter"]) == ("q_proj,v_proj", "none", "0.5",
+                                                                                    "config")
+    assert json.loads(json.dumps(d)) == d
+    assert TrainConfig(**d).resolved() == c
+    default = TrainConfig().resolved().to_dict()
+    assert {k: v for k, v in default.items() if k not in ("alpha", "dropout")} == \
+        {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in ("alpha", "dropout")}
+
+
+def test_method_names_are_defined_once():
+    assert METHODS == ("lora", "dora", "frozen", "resnet18", "vit-small")
+    assert set(ADAPTER_METHODS) < set(DINO_METHODS) and not set(DINO_METHODS) & set(SCRATCH_METHODS)
+    assert {row["method"] for row in PAPER_RUNS.values()} == set(METHODS)
