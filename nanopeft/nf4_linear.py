@@ -16,14 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nf4 import (NESTED_BLOCKSIZE, NESTED_KEYS, NF4_CODES, QS_KEY, NF4Weight, _json, dynamic_map,
-                  nf4_from_state_dict, nf4_state_dict, quantize_nf4, reused_buffer)
+from .nf4 import (NESTED_BLOCKSIZE, NESTED_KEYS, NF4_CODES, QS_KEY, NF4Weight, dynamic_map, nf4_from_state_dict,
+                  nf4_state_dict, quant_state_meta, quantize_nf4, reused_buffer)
 
 
 def _scratch(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
     """A reused buffer for the Ŵ that NF4Matmul multiplies with and drops at once: on CPU a fresh Ŵ
-    over glibc's mmap threshold (32 MB) is page-faulted in on every call, which costs more than the
-    dequantize itself (8192x4096 bf16: 34 ms fresh, 20 ms reused). Holds the largest Ŵ per dtype."""
+    over glibc's mmap threshold (32 MB) is page-faulted in on every call, which costs about as much as
+    the dequantize itself (docs/BENCHMARKS.md). Holds the largest Ŵ per dtype."""
     if w.packed.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     return reused_buffer("nf4_linear.w", w.numel, dtype, w.packed.device).view(w.shape)
@@ -151,7 +151,7 @@ class NF4Linear(nn.Module):
         # NF4 entries here (ours or bitsandbytes': their JSON says whether they are double-quantized,
         # and that layout wins); the bias, and any key nobody expects, the way nn.Module does it
         d = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        nested = "nested_offset" in _json(d[QS_KEY]) if QS_KEY in d else self.double_quant
+        nested = "nested_offset" in quant_state_meta(d[QS_KEY]) if QS_KEY in d else self.double_quant
         need = ["weight", "weight.absmax", "weight.quant_map", QS_KEY, *(NESTED_KEYS if nested else ())]
         missing_keys += [prefix + k for k in need if k not in d]
         if all(k in d for k in need):
