@@ -192,15 +192,9 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
                  name: str | None = None) -> NF4Weight:
     """Quantize `tensor` (fp32/bf16/fp16, any shape) to NF4, bit-identical to bitsandbytes on CPU.
     `name` labels errors, e.g. the checkpoint key; NaN or inf anywhere raises a ValueError."""
-    what = name or f"tensor{tuple(tensor.shape)}"
-    if tensor.dtype not in _FLOATS:
-        raise TypeError(f"{what}: NF4 quantizes float32/bfloat16/float16, got {tensor.dtype}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"{what}: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    what = check_quantize_args(tensor, blocksize, name)
     x = tensor.detach().reshape(-1)
     n, dev, tables = x.numel(), x.device, lookup_tables(x.device)
-    if n == 0:
-        raise ValueError(f"{what}: cannot quantize an empty tensor")
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
     c = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
     full, flat = n // blocksize * blocksize, packed.view(-1)
@@ -212,6 +206,28 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
         _check_finite(c[-1:], x, what)
         q = F.pad(torch.bucketize(xt / c[-1], tables.mid), (0, (n - full) % 2), value=7)  # pad: value 0 → code 7
         flat[full // 2:] = (q[0::2] * 16 + q[1::2]).to(torch.uint8)
+    return weight_from_codes(packed, c, tensor, blocksize, double_quant, what)
+
+
+def check_quantize_args(tensor: torch.Tensor, blocksize: int, name: str | None) -> str:
+    """What quantize_nf4 accepts (a non-empty float tensor, a bitsandbytes block size); returns the
+    label for its errors: `name`, or the tensor's shape."""
+    what = name or f"tensor{tuple(tensor.shape)}"
+    if tensor.dtype not in _FLOATS:
+        raise TypeError(f"{what}: NF4 quantizes float32/bfloat16/float16, got {tensor.dtype}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"{what}: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{what}: cannot quantize an empty tensor")
+    return what
+
+
+def weight_from_codes(packed: torch.Tensor, c: torch.Tensor, tensor: torch.Tensor, blocksize: int,
+                      double_quant: bool, what: str) -> NF4Weight:
+    """The NF4Weight of `tensor` from its packed 4-bit codes and fp32 absmax c (as quantize_nf4 or the
+    CUDA kernel, nf4_cuda.py, computed them): c checked finite, then double-quantized if asked."""
+    _check_finite(c, tensor.reshape(-1), what)
+    tables = lookup_tables(c.device)
     w = NF4Weight(packed, c, tables.nf4.clone(), tensor.shape, tensor.dtype, blocksize)
     if double_quant:  # QLoRA §3 Double Quantization: c − mean(c) in 8 bits, blocks of 256
         w.offset = c.mean()
@@ -338,5 +354,5 @@ def nf4_from_state_dict(d: dict[str, torch.Tensor], what: str = "weight") -> NF4
     return w
 
 
-__all__ = ["NF4Weight", "quantize_nf4", "nf4_state_dict", "nf4_from_state_dict", "quant_state_meta", "dynamic_map",
+__all__ = ["NF4Weight", "quantize_nf4", "check_quantize_args", "weight_from_codes", "nf4_state_dict", "nf4_from_state_dict", "quant_state_meta", "dynamic_map",
            "lookup_tables", "reused_buffer", "NF4_CODES", "BLOCKSIZES", "NESTED_BLOCKSIZE", "QS_KEY", "NESTED_KEYS"]
