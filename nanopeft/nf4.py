@@ -24,7 +24,12 @@ compress_statistics=True)` produces, and what transformers saves for a bnb 4-bit
 Rules that make it bit-exact: blocks run over the flattened tensor (a block may span two rows);
 W_i / c_b is a multiply by the fp32 reciprocal of c_b (a division in a ragged last block); a value
 exactly halfway between two codes takes the lower one; the 8-bit code of c is bitsandbytes' CPU rule
-(a 65 536-entry table, not an exact nearest search); Ŵ is an fp32 product rounded once to its dtype.
+(a 65 536-entry table, not an exact nearest search); Ŵ is an fp32 product rounded once to its dtype
+(docs/NF4.md ("Rounding rules that make it bit-exact")).
+
+This file is the readable reference and the CPU path, built from torch ops; it imports no layer.
+On a GPU, nf4_cuda.py runs the same arithmetic as CUDA kernels (nanopeft/kernels/nf4.cu), and a
+test proves the two equal bit for bit.
 """
 
 from __future__ import annotations

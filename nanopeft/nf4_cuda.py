@@ -89,7 +89,7 @@ def kernel(name: str, device: torch.device):
             try:
                 _KERNELS[key] = _compile(name)
             except Exception as e:  # no libnvrtc, an NVRTC too old for this GPU, a driver error...
-                _FAILED[index] = f"{type(e).__name__}: {e}".splitlines()[0]
+                _FAILED[index] = " ".join(f"{type(e).__name__}: {e}".split())[:400]  # NVRTC's log, on one line
                 warnings.warn(f"nanopeft: NVRTC could not compile {KERNEL_SOURCE.name} for cuda:{index} "
                               f"({_FAILED[index]}); NF4 there uses the slower torch-ops path of nf4.py",
                               stacklevel=3)
@@ -103,26 +103,51 @@ def available(device: torch.device | str) -> bool:
 
 
 # ---------------------------------------------------------------------------- the torch ops
+def _launch(name: str, grid: tuple, block: tuple, args: list, device: torch.device) -> bool:
+    """Run kernel `name` on `device`; False if NVRTC could not build it there."""
+    k = kernel(name, device)
+    if k is None:
+        return False
+    with torch.cuda.device(device):
+        k(grid=grid, block=block, args=args)
+    return True
+
+
+def dequantize_into(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, blocksize: int,
+                    nested_blocksize: int, launch=_launch) -> None:
+    """The body of the dequantize op: the kernel into `out` (through an aligned copy where a pointer is
+    not 16-byte aligned), or the torch-ops reference where the kernel is unavailable."""
+    name, grid, block, args = dequantize_launch(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset,
+                                                out, blocksize, nested_blocksize)
+    args[0] = packed if _aligned(packed) else packed.clone()  # a fresh allocation is aligned (512 B on CUDA)
+    args[6] = dst = out if _aligned(out) else torch.empty_like(out)
+    if not launch(name, grid, block, args, out.device):
+        w = NF4Weight(packed.view(-1, 1), absmax, quant_map, torch.Size([out.numel()]), out.dtype, blocksize,
+                      offset, nested_absmax, nested_quant_map, nested_blocksize)
+        w.dequantize(out.dtype, out=out.view(-1))
+    elif dst is not out:
+        out.copy_(dst)
+
+
+def quantize_into(x, mid, packed, absmax, blocksize: int, launch=_launch) -> None:
+    """The body of the quantize op: x's 4-bit codes and fp32 absmax, by the kernel or the reference."""
+    name, grid, block, args = quantize_launch(x, mid, packed, absmax, blocksize)
+    args[0] = x if _aligned(x) else x.clone()
+    args[2] = dst = packed if _aligned(packed) else torch.empty_like(packed)
+    if not launch(name, grid, block, args, x.device):
+        w = nf4.quantize_nf4(x, blocksize, double_quant=False)
+        packed.copy_(w.packed.view_as(packed))
+        absmax.copy_(w.absmax)
+    elif dst is not packed:
+        packed.copy_(dst)
+
+
 @torch.library.custom_op("nanopeft::nf4_dequantize", mutates_args=("out",), device_types="cuda")
 def _dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
                    nested_absmax: torch.Tensor | None, nested_quant_map: torch.Tensor | None,
                    offset: torch.Tensor | None, out: torch.Tensor, blocksize: int, nested_blocksize: int) -> None:
-    name, grid, block, args = dequantize_launch(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset,
-                                                out, blocksize, nested_blocksize)
-    k = kernel(name, out.device)
-    if k is None:  # the reference, into the same buffer
-        w = NF4Weight(packed.view(-1, 1), absmax, quant_map, torch.Size([out.numel()]), out.dtype, blocksize,
-                      offset, nested_absmax, nested_quant_map, nested_blocksize)
-        w.dequantize(out.dtype, out=out.view(-1))
-        return
-    if not _aligned(packed):
-        args[0] = packed.clone()
-    dst = out if _aligned(out) else torch.empty_like(out)  # a fresh CUDA allocation is 512-byte aligned
-    args[6] = dst
-    with torch.cuda.device(out.device):
-        k(grid=grid, block=block, args=args)
-    if dst is not out:
-        out.copy_(dst)
+    dequantize_into(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, blocksize,
+                    nested_blocksize)
 
 
 @_dequantize_op.register_fake
@@ -133,20 +158,7 @@ def _(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, b
 @torch.library.custom_op("nanopeft::nf4_quantize", mutates_args=("packed", "absmax"), device_types="cuda")
 def _quantize_op(x: torch.Tensor, mid: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                  blocksize: int) -> None:
-    name, grid, block, args = quantize_launch(x, mid, packed, absmax, blocksize)
-    k = kernel(name, x.device)
-    if k is None:
-        w = nf4.quantize_nf4(x, blocksize, double_quant=False)
-        packed.copy_(w.packed.view_as(packed))
-        absmax.copy_(w.absmax)
-        return
-    args[0] = x if _aligned(x) else x.clone()
-    dst = packed if _aligned(packed) else torch.empty_like(packed)
-    args[2] = dst
-    with torch.cuda.device(x.device):
-        k(grid=grid, block=block, args=args)
-    if dst is not packed:
-        packed.copy_(dst)
+    quantize_into(x, mid, packed, absmax, blocksize)
 
 
 @_quantize_op.register_fake

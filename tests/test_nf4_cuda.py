@@ -181,6 +181,28 @@ def test_emulated_rounding_of_every_bf16_and_fp16_result(emulated):
         assert torch.equal(emulated_dequantize(emulated, w, dtype), ref), dtype
 
 
+def test_emulated_op_bodies_handle_unaligned_pointers_and_missing_kernels(emulated):
+    """nf4_cuda.dequantize_into / quantize_into, the bodies of the torch ops, with the emulated kernels
+    as the launcher: views that start 1 byte or 2 elements in still give the reference's bits, and
+    with no kernel they fall back to the torch-ops path."""
+    t = torch.randn(40, 96, dtype=torch.bfloat16)
+    ref = quantize_nf4(t)
+    run = lambda name, grid, block, args, device: emulated[name](grid, block, args) or True  # noqa: E731
+    none = lambda *a: False  # noqa: E731
+    for launch in (run, none):
+        packed = torch.empty(ref.packed.numel() + 1, dtype=torch.uint8)[1:].copy_(ref.packed.view(-1))
+        out = torch.zeros(ref.numel + 2, dtype=torch.float16)[2:]  # 4 bytes in: not 16-byte aligned
+        assert packed.data_ptr() % 16 and out.data_ptr() % 16
+        nf4_cuda.dequantize_into(packed, ref.absmax, ref.quant_map, ref.nested_absmax, ref.nested_quant_map,
+                                 ref.offset, out, 64, 256, launch=launch)
+        assert torch.equal(out.view(40, 96), ref.dequantize(torch.float16))
+        x = torch.empty(t.numel() + 1, dtype=torch.bfloat16)[1:].copy_(t.view(-1))
+        p = torch.empty(ref.packed.numel() + 3, dtype=torch.uint8)[3:].view(-1, 1)
+        c = torch.empty(ref.absmax.numel())
+        nf4_cuda.quantize_into(x, nf4.lookup_tables(x.device).mid, p, c, 64, launch=launch)
+        assert torch.equal(p, ref.packed) and torch.equal(c, quantize_nf4(t, double_quant=False).absmax)
+
+
 # ---------------------------------------------------------------------------- the Python module on CPU
 def test_cpu_tensors_take_the_torch_ops_path():
     t = torch.randn(33, 70)
