@@ -54,6 +54,57 @@ def test_nvcc_compiles_without_warnings(arch, tmp_path):
     assert (tmp_path / "nf4.cubin").stat().st_size > 0
 
 
+def find_nvrtc():
+    """libnvrtc: from the pip package torch's CUDA wheels depend on (nvidia-cuda-nvrtc), or the system."""
+    import ctypes.util
+    import glob
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia.cuda_nvrtc") if importlib.util.find_spec("nvidia") else None
+    paths = sorted(glob.glob(str(Path(list(spec.submodule_search_locations)[0]) / "lib" / "libnvrtc.so.*"))) \
+        if spec else []
+    for path in paths + [ctypes.util.find_library("nvrtc")]:
+        if path and "builtins" not in path and ".alt." not in path:
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                pass
+    return None
+
+
+@pytest.mark.parametrize("arch", ["sm_70", "sm_75", "sm_80", "sm_90"])
+def test_nvrtc_compiles_with_torchs_options(arch):
+    """What torch.cuda._compile_kernel does at run time, without a GPU: NVRTC alone, no header, the
+    options torch passes (sm_70: NVRTC from CUDA 12, as on a V100)."""
+    lib = find_nvrtc()
+    if lib is None:
+        pytest.skip("no libnvrtc (pip install nvidia-cuda-nvrtc-cu12)")
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    opts = [f"--gpu-architecture={arch}"] + [f for f in COMMON_NVCC_FLAGS if f != "--expt-relaxed-constexpr"]
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"nf4.cu", 0, None, None) == 0
+    for name in nf4_cuda.KERNELS:  # torch compiles one at a time; all at once here, to be quick
+        assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
+    copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+    rc = lib.nvrtcCompileProgram(prog, len(opts), copts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    found = []
+    if rc == 0:
+        for name in nf4_cuda.KERNELS:
+            lowered = ctypes.c_char_p()
+            lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered))
+            found.append(lowered.value.decode())  # a copy, before the program (which owns it) is destroyed
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    text = log.value.decode()
+    assert rc == 0, text
+    assert found == list(nf4_cuda.KERNELS) and size.value > 0  # extern "C": the names torch looks up
+    ours = [line for line in text.splitlines() if "warning" in line.lower() and "are deprecated" not in line]
+    assert not ours, text  # (NVRTC 12 warns that sm_70 is deprecated: not about this source)
+
+
 # ---------------------------------------------------------------------------- host emulation
 @pytest.fixture(scope="session")
 def emulated(tmp_path_factory):
