@@ -28,7 +28,8 @@ from .nf4 import NF4Weight
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "nf4.cu"
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 KERNELS = tuple(f"nf4_{op}_{s}" for op in ("dequantize", "quantize") for s in _SUFFIX.values())
-DEQUANTIZE_THREADS = 256  # threads per CUDA block; each thread dequantizes 32 values (nf4.cu)
+DEQUANTIZE_THREADS = 256  # threads per CUDA block (DQ_THREADS in nf4.cu); each dequantizes 32 values
+DEQUANTIZE_VALUES = 32 * DEQUANTIZE_THREADS  # values per CUDA block: a multiple of the blocksize
 QUANTIZE_THREADS = 128    # each thread quantizes one block of `blocksize` values
 _MAX_NUMEL = 2 ** 31 - 64  # kernel indices are int (torch passes Python ints as C int)
 
@@ -42,8 +43,7 @@ def dequantize_launch(packed, absmax, quant_map, nested_absmax, nested_quant_map
     unused = quant_map  # any pointer: the kernel reads the nested tensors only when double-quantized
     args = [packed, absmax, quant_map, nested_absmax if dq else unused, nested_quant_map if dq else unused,
             offset if dq else unused, out, n, blocksize, nested_blocksize, int(dq)]
-    threads = -(-n // 32)
-    return (f"nf4_dequantize_{_SUFFIX[out.dtype]}", (-(-threads // DEQUANTIZE_THREADS), 1, 1),
+    return (f"nf4_dequantize_{_SUFFIX[out.dtype]}", (-(-n // DEQUANTIZE_VALUES), 1, 1),
             (DEQUANTIZE_THREADS, 1, 1), args)
 
 
@@ -168,8 +168,9 @@ def _(x, mid, packed, absmax, blocksize):
 
 # ---------------------------------------------------------------------------- the API
 def _kernel_fits(w: NF4Weight, dtype: torch.dtype) -> bool:
-    """The layouts nf4.cu handles: a CUDA weight, blocks of a multiple of 32 values, int-sized."""
-    return (w.packed.device.type == "cuda" and dtype in _SUFFIX and w.blocksize % 32 == 0
+    """The layouts nf4.cu handles: a CUDA weight, blocks of 32 to 8192 values dividing 8192, int-sized."""
+    return (w.packed.device.type == "cuda" and dtype in _SUFFIX and 32 <= w.blocksize
+            and DEQUANTIZE_VALUES % w.blocksize == 0
             and w.numel <= _MAX_NUMEL and w.quant_map.dtype == torch.float32
             and w.absmax.dtype == (torch.uint8 if w.double_quant else torch.float32))
 

@@ -88,21 +88,18 @@ template <int T> __device__ __forceinline__ void load32(const void* p, long long
     }
 }
 
-template <int T> __device__ __forceinline__ void store32(void* p, long long i, const float* v) {
-    Bytes16* dst = (Bytes16*)((u8*)p + i * (T == 0 ? 4 : 2));
-    for (int k = 0; k < (T == 0 ? 8 : 4); ++k) {
-        Bytes16 b;
-        for (int j = 0; j < 4; ++j) {
-            if (T == 0) {
-                b.w[j] = __float_as_uint(v[4 * k + j]);
-            } else {
-                float lo = v[8 * k + 2 * j], hi = v[8 * k + 2 * j + 1];
-                b.w[j] = T == 1 ? (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16)
-                                : (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
-            }
+// One 16-byte unit of output at p + i (16-byte aligned): 4 fp32 or 8 bf16/fp16 values.
+template <int T> __device__ __forceinline__ void store16(void* p, long long i, const float* v) {
+    Bytes16 b;
+    for (int j = 0; j < 4; ++j) {
+        if (T == 0) {
+            b.w[j] = __float_as_uint(v[j]);
+        } else {  // little endian: the element with the lower index is the low half of the word
+            b.w[j] = T == 1 ? (u32)f32_to_bf16(v[2 * j]) | ((u32)f32_to_bf16(v[2 * j + 1]) << 16)
+                            : (u32)f32_to_f16(v[2 * j]) | ((u32)f32_to_f16(v[2 * j + 1]) << 16);
         }
-        dst[k] = b;
     }
+    *(Bytes16*)((u8*)p + i * (T == 0 ? 4 : 2)) = b;
 }
 
 // ---------------------------------------------------------------------------- dequantize
@@ -119,39 +116,70 @@ __device__ __forceinline__ float block_absmax(const void* absmax, const float* n
 }
 
 // Ŵ_i = NF4[q_i] · c_{i / blocksize}  (QLoRA Eq. 6 with Eq. 5's inner dequantize above), rounded to T.
-// Thread t owns values [32t, 32t + 32): it reads bytes [16t, 16t + 16) of `packed` in one 16-byte load
-// (byte j holds value 2j in its high nibble and 2j + 1 in its low one), decodes one absmax (a block is
-// a multiple of 32 values, so all 32 share it) and writes 32 outputs in 4 (16-bit) or 8 (fp32) 16-byte
-// stores. A warp thus reads 512 contiguous bytes per instruction. The thread holding the ragged end
-// (n not a multiple of 32) reads and writes byte by byte, never past the arrays.
+// A CUDA block of DQ_THREADS = 256 threads owns DQ_VALUES = 8192 values: 4096 bytes of codes in,
+// 16 KiB (bf16/fp16) or 32 KiB (fp32) out. Byte j of the codes holds value 2j in its high nibble and
+// 2j + 1 in its low one.
+//  1. Thread t copies bytes [16t, 16t + 16) of the block's codes into shared memory with one 16-byte
+//     load (a warp reads 512 contiguous bytes per instruction), and thread t < 8192 / blocksize
+//     decodes the block's t-th absmax.
+//  2. The output goes out in 16-byte units (8 bf16/fp16 or 4 fp32 values); unit u = t + 256·k takes
+//     its 4 (or 2) code bytes from shared memory, so consecutive threads write consecutive units and
+//     a warp stores 512 contiguous bytes per instruction, every 32-byte sector whole. (Writing the 32
+//     values of its own 16-byte load, a thread's stores would sit 64 bytes apart and a warp would touch
+//     each sector half at a time.) Writes are 4/5 of the bytes moved, so their pattern sets the speed.
+// The last CUDA block may hold the ragged end: it loads and stores that byte by byte, never past the
+// arrays. Every thread reaches the __syncthreads: none returns before it.
+#define DQ_THREADS 256
+#define DQ_VALUES (32 * DQ_THREADS)
+
 template <int T> __device__ __forceinline__ void dequantize(const u8* packed, const void* absmax,
                                                             const float* quant_map, const float* nested_absmax,
                                                             const float* nested_map, const float* offset,
                                                             void* out, int n, int blocksize,
                                                             int nested_blocksize, int double_quant) {
-    // the 16 NF4 codes in shared memory: 16 consecutive words sit in 16 different banks, so the
-    // lanes of a warp read any mix of codes in one pass (a __constant__ table would serialise them)
+    // the 16 NF4 codes: 16 consecutive words sit in 16 different banks, so the lanes of a warp read
+    // any mix of them in one pass (a __constant__ table would serialise different addresses)
     __shared__ float code[16];
-    if (threadIdx.x < 16) code[threadIdx.x] = quant_map[threadIdx.x];
-    __syncthreads();  // reached by every thread: nobody has returned yet
+    __shared__ Bytes16 codes[DQ_THREADS];       // this block's 4096 bytes of packed codes
+    __shared__ float scale[DQ_VALUES / 32];     // its absmaxes c_b (blocksize >= 32: at most 256)
+    const unsigned t = threadIdx.x;
+    const long long v0 = (long long)blockIdx.x * DQ_VALUES, nbytes = ((long long)n + 1) / 2;
+    const long long b0 = v0 / 2 + 16LL * t;     // the 16 code bytes this thread loads
+    if (t < 16) code[t] = quant_map[t];
+    if (b0 + 16 <= nbytes) {
+        codes[t] = *(const Bytes16*)(packed + b0);
+    } else {  // at or past the ragged end: the bytes that exist, one at a time
+        Bytes16 b = {{0u, 0u, 0u, 0u}};
+#pragma unroll
+        for (int j = 0; j < 16; ++j)  // (constant indices keep b in registers)
+            if (b0 + j < nbytes) b.w[j / 4] |= (u32)packed[b0 + j] << (8 * (j % 4));
+        codes[t] = b;
+    }
+    const long long blk0 = v0 / blocksize, nblocks = ((long long)n + blocksize - 1) / blocksize;
+    if (t < (unsigned)(DQ_VALUES / blocksize) && blk0 + t < nblocks)
+        scale[t] = block_absmax(absmax, nested_absmax, nested_map, offset, blk0 + t, nested_blocksize, double_quant);
+    __syncthreads();
 
-    long long i0 = 32LL * ((long long)blockIdx.x * blockDim.x + threadIdx.x);
-    if (i0 >= n) return;
-    float c = block_absmax(absmax, nested_absmax, nested_map, offset, i0 / blocksize, nested_blocksize,
-                           double_quant);
-    if (i0 + 32 <= n) {
-        Bytes16 b = *(const Bytes16*)(packed + i0 / 2);
-        float v[32];
-        for (int j = 0; j < 16; ++j) {
-            u32 byte = (b.w[j / 4] >> (8 * (j % 4))) & 0xffu;  // little endian: byte 0 is the low byte
-            v[2 * j] = __fmul_rn(code[byte >> 4], c);
-            v[2 * j + 1] = __fmul_rn(code[byte & 15u], c);
+    const u8* bytes = (const u8*)codes;
+    const int per = T == 0 ? 4 : 8;  // values per 16-byte unit of output
+    for (int k = 0; k < 32 / per; ++k) {
+        const int u = (int)t + DQ_THREADS * k, first = per * u;  // unit u: values [first, first + per)
+        const long long i = v0 + first;
+        if (i >= n) break;
+        const float c = scale[first / blocksize];
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < per; j += 2) {
+            u32 byte = bytes[(first + j) / 2];
+            v[j] = __fmul_rn(code[byte >> 4], c);
+            v[j + 1] = __fmul_rn(code[byte & 15u], c);
         }
-        store32<T>(out, i0, v);
-    } else {
-        for (long long i = i0; i < n; ++i) {
-            u32 byte = packed[i / 2];
-            store1<T>(out, i, __fmul_rn(code[i % 2 ? byte & 15u : byte >> 4], c));
+        if (i + per <= n) {
+            store16<T>(out, i, v);
+        } else {
+#pragma unroll
+            for (int j = 0; j < per; ++j)  // constant indices keep v in registers
+                if (i + j < n) store1<T>(out, i + j, v[j]);
         }
     }
 }
