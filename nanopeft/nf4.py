@@ -359,5 +359,6 @@ def nf4_from_state_dict(d: dict[str, torch.Tensor], what: str = "weight") -> NF4
     return w
 
 
-__all__ = ["NF4Weight", "quantize_nf4", "check_quantize_args", "weight_from_codes", "nf4_state_dict", "nf4_from_state_dict", "quant_state_meta", "dynamic_map",
-           "lookup_tables", "reused_buffer", "NF4_CODES", "BLOCKSIZES", "NESTED_BLOCKSIZE", "QS_KEY", "NESTED_KEYS"]
+__all__ = ["NF4Weight", "quantize_nf4", "check_quantize_args", "weight_from_codes", "nf4_state_dict",
+           "nf4_from_state_dict", "quant_state_meta", "dynamic_map", "lookup_tables", "reused_buffer", "NF4_CODES",
+           "BLOCKSIZES", "NESTED_BLOCKSIZE", "QS_KEY", "NESTED_KEYS"]

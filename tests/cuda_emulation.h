@@ -77,7 +77,8 @@ void emulate_launch(void (*kernel)(A...), unsigned grid, unsigned block, void** 
     for (unsigned b = 0; b < grid; ++b) {
         blockIdx.x = b;
         emulated.done.assign(block, 0);
-        for (unsigned t = 0; t < block; ++t) emulated_thread(emulated.threads[t], stacks.data() + t * stack, stack, body);
+        for (unsigned t = 0; t < block; ++t)
+            emulated_thread(emulated.threads[t], stacks.data() + t * stack, stack, body);
         for (bool live = true; live;) {  // one pass per __syncthreads phase
             live = false;
             for (unsigned t = 0; t < block; ++t) {
