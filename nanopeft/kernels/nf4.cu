@@ -17,8 +17,8 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 
 // 16 bytes moved by one load or store instruction (ld.global.v4.u32 / st.global.v4.u32). A memory-bound
-// kernel wants as few, as wide accesses as possible: one 16-byte load brings a thread 32 NF4 codes. The
-// pointers must be 16-byte aligned (nf4_cuda.py checks it).
+// kernel wants as few, as wide accesses as possible: one 16-byte load brings a thread 32 NF4 codes, one
+// 16-byte store writes 8 bf16 values. The pointers must be 16-byte aligned (nf4_cuda.py sees to it).
 struct alignas(16) Bytes16 {
     u32 w[4];
 };
@@ -115,7 +115,8 @@ __device__ __forceinline__ float block_absmax(const void* absmax, const float* n
     return __fadd_rn(c, offset[0]);
 }
 
-// Ŵ_i = NF4[q_i] · c_{i / blocksize}  (QLoRA Eq. 6 with Eq. 5's inner dequantize above), rounded to T.
+// Ŵ_i = NF4[q_i] · c_{i / blocksize}: QLoRA Eq. 6's outer dequantize (the inner one is block_absmax),
+// an fp32 product rounded once to T.
 // A CUDA block of DQ_THREADS = 256 threads owns DQ_VALUES = 8192 values: 4096 bytes of codes in,
 // 16 KiB (bf16/fp16) or 32 KiB (fp32) out. Byte j of the codes holds value 2j in its high nibble and
 // 2j + 1 in its low one.
