@@ -83,7 +83,7 @@ def build(impl: str, method: str, base: str, dtype: torch.dtype, dropout: float,
         layer = layer.to(device)
         layer.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
     elif base == "nf4":
-        from nanopeft.nf4 import NF4Linear
+        from nanopeft.nf4_linear import NF4Linear
         layer = NF4Linear.from_linear(lin, compute_dtype=dtype)
     else:
         layer = lin

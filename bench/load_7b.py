@@ -125,7 +125,7 @@ def child(ckpt: Path, which: str) -> dict:
     t0 = time.perf_counter()
     if which == "nanopeft":
         from nanopeft import load_dinov3
-        from nanopeft.nf4 import NF4Linear
+        from nanopeft.nf4_linear import NF4Linear
 
         model = load_dinov3(ckpt, quantize="nf4", progress=True)
         wall = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """NF4 dequantize / quantize throughput: nanopeft vs bitsandbytes' CPU kernels vs torchao's NF4Tensor.
 
     python bench/nf4.py [--threads 2] [--rounds 3] [--reps 7] [--compile] [--shape 4096 8192]
+    python bench/nf4.py --device cuda [--shape 4096 8192] [--reps 7]   the CUDA kernels (cuda_report)
 
 One process, one fp32 weight W ~ N(0, 0.02²) of --shape, NF4 with double quantization everywhere
 (blocks of 64, absmax in 8 bits per 256). Every row is timed in each of --rounds rounds (--reps calls
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanopeft import nf4_cuda  # noqa: E402
 from nanopeft.nf4 import quantize_nf4  # noqa: E402
 
 _TCK = os.sysconf("SC_CLK_TCK")
@@ -70,7 +72,12 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(nanopeft dequantize)")
     ap.add_argument("--no-torchao", action="store_true")
     ap.add_argument("--shape", type=int, nargs=2, default=[4096, 8192])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: time nanopeft/kernels/nf4.cu against bitsandbytes' CUDA kernels instead")
     args = ap.parse_args()
+    if args.device == "cuda":
+        print_cuda_report(cuda_report(tuple(args.shape), rounds=args.reps))
+        return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import bitsandbytes as bnb
@@ -170,6 +177,94 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- CUDA (issue: NF4 kernels)
+def cuda_time(fn, rounds: int = 7, calls: int = 20) -> float:
+    """Median over `rounds` of the mean seconds per call of `calls` back-to-back calls (CUDA events)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def cuda_report(shape: tuple[int, int] = (4096, 8192), rounds: int = 7) -> dict:
+    """Dequantize of an NF4 (double-quantized, blocks of 64) weight of `shape` to bf16 on the current GPU:
+    nanopeft's kernel (into a reused buffer), its torch-ops path, bitsandbytes' CUDA dequantize_4bit,
+    and quantize. Outputs are checked bit for bit first. Returns plain numbers (keys below) for
+    bench/gpu.py; times in microseconds, bandwidths in GB/s."""
+    import bitsandbytes.functional as BF
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    torch.manual_seed(0)
+    W = (torch.randn(*shape) * 0.02).to(dev, torch.bfloat16)
+    n = W.numel()
+    w = nf4_cuda.quantize_nf4(W)
+    kernels = nf4_cuda.available(dev)
+    q, st = BF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    out = torch.empty(shape, dtype=torch.bfloat16, device=dev)
+    ours, ref = nf4_cuda.dequantize(w, torch.bfloat16, out=out), w.dequantize(torch.bfloat16)
+    exact_torch = torch.equal(ours, ref) and torch.equal(w.packed, quantize_nf4(W).packed)
+    w_bnb = nf4_cuda.quantize_nf4(W)  # bitsandbytes' own (CUDA) codes through our kernel
+    w_bnb.packed, w_bnb.absmax, w_bnb.nested_absmax, w_bnb.offset = q, st.absmax, st.state2.absmax, st.offset
+    exact_bnb = torch.equal(nf4_cuda.dequantize(w_bnb, torch.bfloat16), BF.dequantize_4bit(q, st))
+    moved = w.packed.numel() + w.absmax.numel() + 4 * w.nested_absmax.numel() + 2 * n  # bytes read + written
+    # the GPU's DRAM bandwidth: double data rate x bus width (kHz, bits), and what a device copy reaches
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    peak = 2 * clock_khz * 1e3 * bus_bits / 8
+    src = torch.empty(moved // 2, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t_copy = cuda_time(lambda: dst.copy_(src), rounds)  # reads and writes moved/2 each: `moved` bytes in all
+    t_ours = cuda_time(lambda: nf4_cuda.dequantize(w, torch.bfloat16, out=out), rounds)
+    t_torch = cuda_time(lambda: w.dequantize(torch.bfloat16, out=out), rounds)
+    out_bnb = torch.empty_like(out)  # bitsandbytes into a reused buffer too (its CUDA path takes out=)
+    t_bnb = cuda_time(lambda: BF.dequantize_4bit(q, st, out=out_bnb), rounds)
+    t_q = cuda_time(lambda: nf4_cuda.quantize_nf4(W), rounds, calls=3)
+    t_q_torch = cuda_time(lambda: quantize_nf4(W), rounds, calls=3)
+    t_q_bnb = cuda_time(lambda: BF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4"),
+                        rounds, calls=3)
+    return {
+        "gpu": props.name, "shape": list(shape), "kernels": kernels, "exact_vs_torch_ops": exact_torch,
+        "exact_vs_bitsandbytes": exact_bnb, "bytes_moved": moved,
+        "peak_gbs": peak / 1e9, "copy_gbs": moved / t_copy / 1e9,
+        "dequantize_us": t_ours * 1e6, "dequantize_gbs": moved / t_ours / 1e9,
+        "dequantize_pct_of_peak": 100 * moved / t_ours / peak if peak else None,
+        "dequantize_pct_of_copy": 100 * t_copy / t_ours,
+        "torch_ops_dequantize_us": t_torch * 1e6, "bnb_dequantize_us": t_bnb * 1e6,
+        "vs_bitsandbytes": t_ours / t_bnb, "vs_torch_ops": t_ours / t_torch,
+        "quantize_us": t_q * 1e6, "torch_ops_quantize_us": t_q_torch * 1e6, "bnb_quantize_us": t_q_bnb * 1e6,
+    }
+
+
+def print_cuda_report(r: dict) -> None:
+    M, N = r["shape"]
+    print(f"# {r['gpu']}, torch {torch.__version__}; command: python {' '.join(sys.argv)}")
+    print(f"# NF4 kernels compiled: {r['kernels']}; bit-exact vs torch ops: {r['exact_vs_torch_ops']}, "
+          f"vs bitsandbytes CUDA: {r['exact_vs_bitsandbytes']}")
+    peak = f"{r['peak_gbs']:.0f} GB/s" if r["peak_gbs"] else "unknown"
+    print(f"# dequantize {M}x{N} -> bf16 moves {r['bytes_moved'] / 1e6:.1f} MB; DRAM peak {peak}, "
+          f"device copy {r['copy_gbs']:.0f} GB/s\n")
+    print("| operation | implementation (all into reused buffers) | µs | GB/s | % of peak | vs bitsandbytes |")
+    print("|---|---|---:|---:|---:|---:|")
+    gbs = lambda us: r["bytes_moved"] / us / 1e3  # noqa: E731
+    pct = lambda us: f"{100 * gbs(us) / r['peak_gbs']:.0f}%" if r["peak_gbs"] else "-"  # noqa: E731
+    ref = r["bnb_dequantize_us"]
+    for name, us in [("nanopeft kernel, out= reused buffer", r["dequantize_us"]),
+                     ("nanopeft torch ops, out= reused buffer", r["torch_ops_dequantize_us"]),
+                     ("bitsandbytes dequantize_4bit", ref)]:
+        print(f"| dequantize bf16 | {name} | {us:.1f} | {gbs(us):.0f} | {pct(us)} | {us / ref:.2f}x |")
+    for name, us in [("nanopeft kernel", r["quantize_us"]), ("nanopeft torch ops", r["torch_ops_quantize_us"]),
+                     ("bitsandbytes quantize_4bit", r["bnb_quantize_us"])]:
+        print(f"| quantize bf16 | {name} | {us:.1f} | - | - | {us / r['bnb_quantize_us']:.2f}x |")
 
 
 def bnb_quant(BF, x):

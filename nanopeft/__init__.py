@@ -7,7 +7,8 @@ from .config import PAPER_RUNS, PRESETS, TrainConfig, ViTConfig
 from .model import DINOv3ViT
 from .checkpoint import CheckpointError
 from .load import load_dinov3
-from .nf4 import NF4Linear, NF4Weight, quantize_nf4
+from .nf4 import NF4Weight, quantize_nf4
+from .nf4_linear import NF4Linear
 from .lora import LoRALinear
 from .dora import DoRALinear
 from .inject import add_adapters, init_dora_magnitudes, merge_adapters

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import NF4_SUFFIX, CheckpointError, open_checkpoint, parse_dtype
 from .model import DINOv3ViT, block_linears
+from .nf4_linear import NF4Linear
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
@@ -53,8 +54,6 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
 
     # 1. swap the Linears that become NF4 (still on meta)
     quantized = set(prequant) if prequant else (set(linears) if quantize == "nf4" else set())
-    if quantized:
-        from .nf4 import NF4Linear  # the NF4 stage; the full-precision path never needs it
     for name in quantized:
         if name not in linears:
             raise CheckpointError(f"{source.file_of(name + NF4_SUFFIX)}: NF4 weights for {name!r}, "

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nf4 import NF4Linear
+from .nf4_linear import NF4Linear
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -24,7 +24,12 @@ compress_statistics=True)` produces, and what transformers saves for a bnb 4-bit
 Rules that make it bit-exact: blocks run over the flattened tensor (a block may span two rows);
 W_i / c_b is a multiply by the fp32 reciprocal of c_b (a division in a ragged last block); a value
 exactly halfway between two codes takes the lower one; the 8-bit code of c is bitsandbytes' CPU rule
-(a 65 536-entry table, not an exact nearest search); Ŵ is an fp32 product rounded once to its dtype.
+(a 65 536-entry table, not an exact nearest search); Ŵ is an fp32 product rounded once to its dtype
+(docs/NF4.md ("Rounding rules that make it bit-exact")).
+
+This file is the readable reference and the CPU path, built from torch ops; it imports no layer.
+On a GPU, nf4_cuda.py runs the same arithmetic as CUDA kernels (nanopeft/kernels/nf4.cu), and a
+test proves the two equal bit for bit.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes acce
 NESTED_BLOCKSIZE = 256  # QLoRA §3: "blocksize of 256 for the second quantization"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _TINY = 2.0 ** -115     # c_b below this: 4096/c_b overflows fp32, so those blocks take an exact slow path
-_CELL = 4096            # quantize looks codes up in cells of width 1/4096 (see _Tables)
+_CELL = 4096            # quantize looks codes up in cells of width 1/4096 (see LookupTables)
 
 
 def dynamic_map() -> torch.Tensor:
@@ -61,8 +66,8 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(vals), dtype=torch.float32)
 
 
-class _Tables:
-    """Small lookup tables, built once per device."""
+class LookupTables:
+    """The small tables behind the fast loops, built once per device (see `lookup_tables`)."""
 
     def __init__(self, device):
         nf4 = torch.tensor(NF4_CODES, dtype=torch.float32)
@@ -96,18 +101,19 @@ class _Tables:
             setattr(self, k, v.to(device))
 
 
-_TABLES: dict[torch.device, _Tables] = {}
+_TABLES: dict[torch.device, LookupTables] = {}
 
 
-def _tables(device: torch.device) -> _Tables:
-    return _TABLES[device] if device in _TABLES else _TABLES.setdefault(device, _Tables(device))
+def lookup_tables(device: torch.device) -> LookupTables:
+    """The LookupTables on `device` (built at first use, then cached)."""
+    return _TABLES[device] if device in _TABLES else _TABLES.setdefault(device, LookupTables(device))
 
 
 def _chunk(device: torch.device, cpu_log2: int) -> int:
     """Values per step of the blockwise loops. CPU: 2^cpu_log2, big enough to amortise each step's
     ~20 op dispatches and the threads' fork/join, small enough that the step's temporaries stay in
-    cache (2 threads, 4096x8192: dequantize is best at 2^17; quantize takes 119 ms at 2^15, 66 at
-    2^17, 62 at 2^19 and no less above). Elsewhere: few launches."""
+    cache (the measured optimum, docs/BENCHMARKS.md: 2^17 for dequantize, 2^19 for quantize).
+    Elsewhere: few launches."""
     return 1 << cpu_log2 if device.type == "cpu" else 1 << 24
 
 
@@ -171,7 +177,7 @@ class NF4Weight:
 
 def _dequantize_blocks(codes: torch.Tensor, c: torch.Tensor, out: torch.Tensor, bs: int) -> None:
     """out[i] = NF4[q_i] · c[i // bs] for whole blocks: one gather per byte, one multiply per value."""
-    lut2 = _tables(codes.device).lut2
+    lut2 = lookup_tables(codes.device).lut2
     if torch.compiler.is_compiling():  # torch.compile fuses the plain formula into one loop
         out.view(-1, bs).copy_(lut2.view(torch.float32).view(256, 2)[codes.long()].view(-1, bs) * c[:, None])
         return
@@ -191,15 +197,9 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
                  name: str | None = None) -> NF4Weight:
     """Quantize `tensor` (fp32/bf16/fp16, any shape) to NF4, bit-identical to bitsandbytes on CPU.
     `name` labels errors, e.g. the checkpoint key; NaN or inf anywhere raises a ValueError."""
-    what = name or f"tensor{tuple(tensor.shape)}"
-    if tensor.dtype not in _FLOATS:
-        raise TypeError(f"{what}: NF4 quantizes float32/bfloat16/float16, got {tensor.dtype}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"{what}: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    what = check_quantize_args(tensor, blocksize, name)
     x = tensor.detach().reshape(-1)
-    n, dev, T = x.numel(), x.device, _tables(x.device)
-    if n == 0:
-        raise ValueError(f"{what}: cannot quantize an empty tensor")
+    n, dev, tables = x.numel(), x.device, lookup_tables(x.device)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
     c = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
     full, flat = n // blocksize * blocksize, packed.view(-1)
@@ -209,17 +209,39 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
         xt = x[full:].float()
         c[-1] = xt.abs().max().clamp(min=1e-38)
         _check_finite(c[-1:], x, what)
-        q = F.pad(torch.bucketize(xt / c[-1], T.mid), (0, (n - full) % 2), value=7)  # pad: value 0 → code 7
+        q = F.pad(torch.bucketize(xt / c[-1], tables.mid), (0, (n - full) % 2), value=7)  # pad: value 0 → code 7
         flat[full // 2:] = (q[0::2] * 16 + q[1::2]).to(torch.uint8)
-    w = NF4Weight(packed, c, T.nf4.clone(), tensor.shape, tensor.dtype, blocksize)
+    return weight_from_codes(packed, c, tensor, blocksize, double_quant, what)
+
+
+def check_quantize_args(tensor: torch.Tensor, blocksize: int, name: str | None) -> str:
+    """What quantize_nf4 accepts (a non-empty float tensor, a bitsandbytes block size); returns the
+    label for its errors: `name`, or the tensor's shape."""
+    what = name or f"tensor{tuple(tensor.shape)}"
+    if tensor.dtype not in _FLOATS:
+        raise TypeError(f"{what}: NF4 quantizes float32/bfloat16/float16, got {tensor.dtype}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"{what}: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{what}: cannot quantize an empty tensor")
+    return what
+
+
+def weight_from_codes(packed: torch.Tensor, c: torch.Tensor, tensor: torch.Tensor, blocksize: int,
+                      double_quant: bool, what: str) -> NF4Weight:
+    """The NF4Weight of `tensor` from its packed 4-bit codes and fp32 absmax c (as quantize_nf4 or the
+    CUDA kernel, nf4_cuda.py, computed them): c checked finite, then double-quantized if asked."""
+    _check_finite(c, tensor.reshape(-1), what)
+    tables = lookup_tables(c.device)
+    w = NF4Weight(packed, c, tables.nf4.clone(), tensor.shape, tensor.dtype, blocksize)
     if double_quant:  # QLoRA §3 Double Quantization: c − mean(c) in 8 bits, blocks of 256
         w.offset = c.mean()
         if not torch.isfinite(w.offset):  # bitsandbytes silently returns NaNs here
             raise ValueError(f"{what}: mean absmax overflows float32; use double_quant=False")
-        k, c2 = _quantize_dynamic8(c - w.offset, T)
+        k, c2 = _quantize_dynamic8(c - w.offset, tables)
         # clones made once the temporaries are freed: they fill a hole in the heap instead of pinning
-        # one between temporaries (the 7B's load kept ~0.5 GB of such holes)
-        w.absmax, w.nested_absmax, w.nested_quant_map = k.clone(), c2.clone(), T.dyn.clone()
+        # one between temporaries (the 7B's load kept such holes, docs/BENCHMARKS.md)
+        w.absmax, w.nested_absmax, w.nested_quant_map = k.clone(), c2.clone(), tables.dyn.clone()
     return w
 
 
@@ -235,7 +257,7 @@ _BUFS = threading.local()  # per thread: {(name, dtype, device): buffer}, see re
 def reused_buffer(name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat per-thread buffer of n elements, kept between calls and grown when too small. On CPU,
     fresh temporaries cost page faults (above glibc's mmap threshold) or heap holes (below it, pinned
-    by the small long-lived NF4 tensors of each layer: the 7B's load grew ~0.8 GB above its model)."""
+    by the small long-lived NF4 tensors of each layer, which grew the 7B's load, docs/BENCHMARKS.md)."""
     bufs, key = _BUFS.__dict__.setdefault("bufs", {}), (name, dtype, device)
     if key not in bufs or bufs[key].numel() < n:
         bufs[key] = None  # free the old one before allocating the bigger one
@@ -255,7 +277,7 @@ def _workspace(dev: torch.device, m: int) -> tuple[torch.Tensor, ...]:
 def _quantize_blocks(x: torch.Tensor, bs: int, packed: torch.Tensor, c: torch.Tensor, what: str,
                      whole: torch.Tensor) -> None:
     """Whole blocks: c_b = max|x| and q_i = #{mid < x_i/c_b}, two codes per byte, high nibble first."""
-    T, dev = _tables(x.device), x.device
+    tables, dev = lookup_tables(x.device), x.device
     per = max(1, _chunk(dev, 19) // bs)
     m = min(per, c.numel()) * bs
     s, xf, cell, v, q = _workspace(dev, m)
@@ -268,23 +290,23 @@ def _quantize_blocks(x: torch.Tensor, bs: int, packed: torch.Tensor, c: torch.Te
         r = torch.where(cs >= _TINY, r * _CELL, 0.0)              # tiny (or zero) blocks: fixed below
         t = torch.mul(xb, r[:, None], out=s[:k].view(-1, bs)).view(-1)  # 4096·x/c, exactly
         j = cell[:k].copy_(t).add_(_CELL)                          # cell index trunc(t) + 4096
-        vk = torch.index_select(T.qcell, 0, j, out=v[:k]).add_(t, alpha=0.25)  # A[j] + t/4, exactly
-        qk = q[:k].copy_(vk).view(-1, 2)                           # q = trunc(A[j] + t/4) (see _Tables)
+        vk = torch.index_select(tables.qcell, 0, j, out=v[:k]).add_(t, alpha=0.25)  # A[j] + t/4, exactly
+        qk = q[:k].copy_(vk).view(-1, 2)                           # q = trunc(A[j] + t/4) (see LookupTables)
         torch.add(qk[:, 1], qk[:, 0], alpha=16, out=ps)           # byte = 16·q_2i + q_2i+1
     tiny = ((c > 0) & (c < _TINY)).nonzero().view(-1)            # denormal-scale blocks: rare
     if tiny.numel():
         xb = x.view(-1, bs)[tiny].float()
-        qt = torch.bucketize(xb * (1.0 / c[tiny].clamp(min=1e-38))[:, None], T.mid)
+        qt = torch.bucketize(xb * (1.0 / c[tiny].clamp(min=1e-38))[:, None], tables.mid)
         packed.view(-1, bs // 2)[tiny] = (qt[:, 0::2] * 16 + qt[:, 1::2]).to(torch.uint8)
 
 
-def _quantize_dynamic8(a: torch.Tensor, T: _Tables, bs: int = NESTED_BLOCKSIZE):
+def _quantize_dynamic8(a: torch.Tensor, tables: LookupTables, bs: int = NESTED_BLOCKSIZE):
     """8-bit blockwise quantization of `a` with the dynamic map, as bitsandbytes' CPU kernel does it."""
     nb = -(-a.numel() // bs)
     blk = F.pad(a, (0, nb * bs - a.numel())).view(nb, bs)        # (nb, 256)
     c2 = blk.abs().amax(1)
     v = (blk * torch.where(c2 > 0, 1.0 / c2, 0.0)[:, None]).clamp(-1, 1)
-    k = T.dyn_lut[((v + 1.0) * 0.5 * 65535.0 + 0.5).long()]     # table rule, not an exact nearest search
+    k = tables.dyn_lut[((v + 1.0) * 0.5 * 65535.0 + 0.5).long()]     # table rule, not an exact nearest search
     k[c2 == 0] = 0                                               # an all-zero block gets code 0
     return k.view(-1)[: a.numel()], c2
 
@@ -294,8 +316,9 @@ QS_KEY = "weight.quant_state.bitsandbytes__nf4"
 NESTED_KEYS = ("weight.nested_absmax", "weight.nested_quant_map")
 
 
-def _json(t: torch.Tensor) -> dict:
-    return json.loads(bytes(t.tolist()))  # the packed quant state: UTF-8 JSON as a uint8 tensor
+def quant_state_meta(t: torch.Tensor) -> dict:
+    """The `weight.quant_state.bitsandbytes__nf4` entry decoded: UTF-8 JSON stored as a uint8 tensor."""
+    return json.loads(bytes(t.tolist()))
 
 
 def nf4_state_dict(w: NF4Weight) -> dict[str, torch.Tensor]:
@@ -313,7 +336,7 @@ def nf4_state_dict(w: NF4Weight) -> dict[str, torch.Tensor]:
 
 def nf4_from_state_dict(d: dict[str, torch.Tensor], what: str = "weight") -> NF4Weight:
     """Inverse of `nf4_state_dict`: an NF4Weight from the `weight*` entries (e.g. a bnb checkpoint)."""
-    meta = _json(d[QS_KEY])
+    meta = quant_state_meta(d[QS_KEY])
     if meta.get("quant_type") != "nf4":
         raise ValueError(f"{what}: quant_type {meta.get('quant_type')!r} is not supported (only nf4)")
     shape, bs = torch.Size(meta["shape"]), int(meta["blocksize"])
@@ -336,8 +359,6 @@ def nf4_from_state_dict(d: dict[str, torch.Tensor], what: str = "weight") -> NF4
     return w
 
 
-# The layer built on these primitives lives in nf4_linear.py; importable from here too.
-from .nf4_linear import NF4Linear, NF4Matmul, nf4_nbytes  # noqa: E402  (after the names it imports)
-
-__all__ = ["NF4Weight", "quantize_nf4", "nf4_state_dict", "nf4_from_state_dict", "dynamic_map", "NF4_CODES",
-           "NF4Linear", "NF4Matmul", "nf4_nbytes"]
+__all__ = ["NF4Weight", "quantize_nf4", "check_quantize_args", "weight_from_codes", "nf4_state_dict",
+           "nf4_from_state_dict", "quant_state_meta", "dynamic_map", "lookup_tables", "reused_buffer", "NF4_CODES",
+           "BLOCKSIZES", "NESTED_BLOCKSIZE", "QS_KEY", "NESTED_KEYS"]

@@ -3,6 +3,8 @@
     forward:  y = x Ŵᵀ + b            Ŵ = dequantize(NF4 codes, absmax)  in the compute dtype
     backward: ∂L/∂x = ∂L/∂y · Ŵ       Ŵ dequantized again: nothing full-precision is saved (QLoRA §3)
               no gradient reaches the frozen weight
+    Ŵ comes from nf4_cuda.py: the CUDA kernel on a GPU, nf4.py's torch ops elsewhere (the same bits),
+    written into a reused buffer.
 
 The state dict is what transformers writes for a bitsandbytes `Linear4bit` (see nf4.py), so a
 checkpoint saved pre-quantized by transformers + bitsandbytes loads into it as it is.
@@ -16,15 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nf4 import (NESTED_BLOCKSIZE, NESTED_KEYS, NF4_CODES, QS_KEY, NF4Weight, _json, dynamic_map,
-                  nf4_from_state_dict, nf4_state_dict, quantize_nf4, reused_buffer)
+from . import nf4_cuda
+from .nf4 import (NESTED_BLOCKSIZE, NESTED_KEYS, NF4_CODES, QS_KEY, NF4Weight, dynamic_map, nf4_from_state_dict,
+                  nf4_state_dict, quant_state_meta, reused_buffer)
 
 
 def _scratch(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
     """A reused buffer for the Ŵ that NF4Matmul multiplies with and drops at once: on CPU a fresh Ŵ
-    over glibc's mmap threshold (32 MB) is page-faulted in on every call, which costs more than the
-    dequantize itself (8192x4096 bf16: 34 ms fresh, 20 ms reused). Holds the largest Ŵ per dtype."""
-    if w.packed.device.type != "cpu" or torch.compiler.is_compiling():
+    over glibc's mmap threshold (32 MB) is page-faulted in on every call, which costs about as much as
+    the dequantize itself (docs/BENCHMARKS.md); on CUDA it spares the allocator a large block per call.
+    Holds the largest Ŵ per dtype and thread (the backward runs on autograd's thread). Safe because
+    every use is ordered on one stream: F.linear has read Ŵ before the next dequantize overwrites it."""
+    if torch.compiler.is_compiling():
         return None
     return reused_buffer("nf4_linear.w", w.numel, dtype, w.packed.device).view(w.shape)
 
@@ -39,14 +44,14 @@ class NF4Matmul(torch.autograd.Function):
         ctx.names = tuple(w.tensors())
         ctx.save_for_backward(*w.tensors().values())                # the 4-bit weight, nothing else
         ctx.w = replace(w, **{k: None for k in ctx.names})          # its metadata
-        return F.linear(x, w.dequantize(x.dtype, out=_scratch(w, x.dtype)), bias)  # (..., out)
+        return F.linear(x, nf4_cuda.dequantize(w, x.dtype, out=_scratch(w, x.dtype)), bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad):
         gx = gb = None
         if ctx.needs_input_grad[0]:
             w = replace(ctx.w, **dict(zip(ctx.names, ctx.saved_tensors)))
-            gx = grad @ w.dequantize(grad.dtype, out=_scratch(w, grad.dtype))  # (..., out) @ (out, in)
+            gx = grad @ nf4_cuda.dequantize(w, grad.dtype, out=_scratch(w, grad.dtype))  # (..., out) @ (out, in)
         if ctx.needs_input_grad[2]:
             gb = grad.reshape(-1, grad.shape[-1]).sum(0)
         return gx, None, gb
@@ -99,7 +104,7 @@ class NF4Linear(nn.Module):
             raise ValueError(f"{name or 'weight'}: NF4Linear needs a 2-D (out, in) weight, got {tuple(weight.shape)}")
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, blocksize=blocksize,
                     double_quant=double_quant, compute_dtype=compute_dtype or weight.dtype, device="meta")
-        layer._set_nf4(quantize_nf4(weight, blocksize, double_quant, name=name))
+        layer._set_nf4(nf4_cuda.quantize_nf4(weight, blocksize, double_quant, name=name))
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
@@ -113,7 +118,7 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ (out, in) in `dtype`, by default the compute dtype."""
-        return self.nf4_weight().dequantize(dtype or self.compute_dtype)
+        return nf4_cuda.dequantize(self.nf4_weight(), dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
@@ -151,7 +156,7 @@ class NF4Linear(nn.Module):
         # NF4 entries here (ours or bitsandbytes': their JSON says whether they are double-quantized,
         # and that layout wins); the bias, and any key nobody expects, the way nn.Module does it
         d = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        nested = "nested_offset" in _json(d[QS_KEY]) if QS_KEY in d else self.double_quant
+        nested = "nested_offset" in quant_state_meta(d[QS_KEY]) if QS_KEY in d else self.double_quant
         need = ["weight", "weight.absmax", "weight.quant_map", QS_KEY, *(NESTED_KEYS if nested else ())]
         missing_keys += [prefix + k for k in need if k not in d]
         if all(k in d for k in need):

@@ -111,3 +111,33 @@ def peft_model():
     """Factory: peft_model(ckpt, method, targets, nf4=False, dropout=0.0, r=4, alpha=8, **hf_config)
     -> a PEFT model with non-zero B and perturbed DoRA magnitudes (skips without transformers / peft)."""
     return make_peft_model
+# ---- kernels helpers
+# The NF4 case list that the torch-ops path (test_nf4.py) and the kernels (test_nf4_cuda.py) are both
+# checked on: numel not a multiple of 64 / 256 blocks, odd numel, 1-D, 3-D, and last dims that hit bnb's
+# CPU dequantize bug (shape[-1] % 16 == 0 but % 64 != 0, docs/NF4.md ("bitsandbytes CPU traps")).
+NF4_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NF4_SHAPES = [(128, 64), (3, 100), (7, 33), (1, 65), (5,), (1,), (2,), (63,), (2, 3, 50), (3, 96), (4, 32),
+              (300, 257), (17, 64)]
+NF4_EDGE_CASES = ["ties", "scaled ties", "zero blocks", "zero tail", "tiny", "huge"]
+
+
+def nf4_edge_rows() -> torch.Tensor:
+    """(2, 64): the 15 decision thresholds and the 16 codes, ± and one ulp either side, then zeros."""
+    from nanopeft.nf4 import NF4_CODES, lookup_tables
+    mid, code = lookup_tables(torch.device("cpu")).mid, torch.tensor(NF4_CODES)
+    up, down = torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0))
+    row = torch.cat([mid, -mid, code, up, down, -up, -down, torch.tensor([1.0])])  # 107 values
+    return torch.cat([row, torch.zeros(128 - row.numel())]).view(2, 64)
+
+
+def nf4_edge_case(case: str, dtype: torch.dtype) -> torch.Tensor:
+    """One of NF4_EDGE_CASES in `dtype`: ties on the thresholds, all-zero blocks, denormal or huge scales."""
+    torch.manual_seed(1)
+    rows = nf4_edge_rows()
+    t = {"ties": torch.cat([rows, -rows]),
+         "scaled ties": torch.cat([rows * 3.7, rows * 0.013]),
+         "zero blocks": torch.cat([torch.randn(64), torch.zeros(128), torch.randn(30)]),
+         "zero tail": torch.cat([torch.randn(128), torch.zeros(10)]),   # stored absmax = 1e-38, not 0
+         "tiny": torch.cat([torch.randn(64) * s for s in (1e-36, 1e-40, 3e-35, 1e-30)] + [torch.full((64,), 1e-45)]),
+         "huge": (torch.rand(5, 64) * 2 - 1) * torch.finfo(dtype).max / 20}[case]
+    return t.to(dtype)

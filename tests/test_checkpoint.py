@@ -248,7 +248,8 @@ def test_load_to_dtype_and_device_and_no_mmap_views(tiny_ckpt):
 
 # ------------------------------------------------------------------ quantize on load (NF4)
 def test_quantize_on_load_equals_dequantized_reference(tiny_ckpt):
-    from nanopeft.nf4 import NF4Linear, quantize_nf4
+    from nanopeft.nf4 import quantize_nf4
+    from nanopeft.nf4_linear import NF4Linear
 
     folder, _ = tiny_ckpt(sharded=True)
     q = load_dinov3(folder, quantize="nf4")

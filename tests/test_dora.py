@@ -10,7 +10,7 @@ from test_lora import (ALPHA, IN, OUT, R, assert_outputs_and_grads_equal, close,
 
 from nanopeft.dora import DoRALinear
 from nanopeft.lora import base_weight
-from nanopeft.nf4 import NF4Linear
+from nanopeft.nf4_linear import NF4Linear
 
 peft = pytest.importorskip("peft")
 

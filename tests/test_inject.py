@@ -10,7 +10,7 @@ from nanopeft.dora import DoRALinear
 from nanopeft.inject import adapter_layers, add_adapters, init_dora_magnitudes, merge_adapters
 from nanopeft.lora import LoRALinear
 from nanopeft.model import DINOv3ViT
-from nanopeft.nf4 import NF4Linear
+from nanopeft.nf4_linear import NF4Linear
 
 R, ALPHA = 4, 8  # conftest's peft_model defaults
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from nanopeft.lora import LoRALinear
-from nanopeft.nf4 import NF4Linear
+from nanopeft.nf4_linear import NF4Linear
 
 peft = pytest.importorskip("peft")
 

@@ -1,4 +1,5 @@
-"""nanopeft/nf4.py against bitsandbytes (bit for bit) and against the dequantize formula (peft_nf4.md §4)."""
+"""nanopeft/nf4.py and nf4_linear.py against bitsandbytes (bit for bit) and against the dequantize formula
+(docs/NF4.md ("Double quantization"))."""
 
 import json
 
@@ -8,16 +9,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nanopeft.nf4 as nf4
-from nanopeft.nf4 import NF4Linear, NF4Weight, nf4_nbytes, quantize_nf4
+from nanopeft.nf4 import NF4Weight, quantize_nf4
+from nanopeft.nf4_linear import NF4Linear, nf4_nbytes
 
-bnb = pytest.importorskip("bitsandbytes")
-BF = bnb.functional
+from conftest import NF4_DTYPES, NF4_EDGE_CASES, NF4_SHAPES, nf4_edge_case
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# numel not a multiple of 64 / 256 blocks, odd numel, 1-D, 3-D, and last dims that hit bnb's CPU
-# dequantize bug (shape[-1] % 16 == 0 but % 64 != 0, peft_nf4.md §4.8)
-SHAPES = [(128, 64), (3, 100), (7, 33), (1, 65), (5,), (1,), (2,), (63,), (2, 3, 50), (3, 96), (4, 32),
-          (300, 257), (17, 64)]
+DTYPES, SHAPES = NF4_DTYPES, NF4_SHAPES
+
+
+def bnb():
+    """bitsandbytes, or skip the calling test when it is not installed."""
+    return pytest.importorskip("bitsandbytes")
 
 
 def formula(w: NF4Weight) -> torch.Tensor:
@@ -31,7 +33,7 @@ def formula(w: NF4Weight) -> torch.Tensor:
 
 
 def bnb_quant(t, double_quant):
-    return BF.quantize_4bit(t, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    return bnb().functional.quantize_4bit(t, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
 
 
 def assert_equals_bnb(t, double_quant=True):
@@ -54,13 +56,13 @@ def assert_equals_bnb(t, double_quant=True):
         return w  # bnb's CPU dequantize is wrong for these shapes; the formula above is the oracle
     if t.shape[-1] % 2:
         return w  # bnb falls back to its torch.compile'd default kernel (the formula), seconds per dtype
-    assert torch.equal(deq, BF.dequantize_4bit(q, st).reshape(t.shape))
+    assert torch.equal(deq, bnb().functional.dequantize_4bit(q, st).reshape(t.shape))
     return w
 
 
 def test_codebooks_equal_bitsandbytes():
-    assert torch.equal(torch.tensor(nf4.NF4_CODES), BF.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(nf4.dynamic_map(), BF.create_dynamic_map())
+    assert torch.equal(torch.tensor(nf4.NF4_CODES), bnb().functional.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4.dynamic_map(), bnb().functional.create_dynamic_map())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -80,24 +82,10 @@ def test_chunked_loops_are_exact(monkeypatch, chunk, rows):
         assert_equals_bnb(torch.randn(rows, 128, dtype=dtype), True)  # 600 / 2200 blocks: 3 / 9 nested
 
 
-def edge_rows():
-    mid, code = (nf4._tables(torch.device("cpu")).mid, torch.tensor(nf4.NF4_CODES))
-    up, down = torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0))
-    row = torch.cat([mid, -mid, code, up, down, -up, -down, torch.tensor([1.0])])  # 107 values
-    return torch.cat([row, torch.zeros(128 - row.numel())]).view(2, 64)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["ties", "scaled ties", "zero blocks", "zero tail", "tiny", "huge"])
+@pytest.mark.parametrize("case", NF4_EDGE_CASES)
 def test_edge_cases_equal_bitsandbytes(case, dtype):
-    torch.manual_seed(1)
-    rows = edge_rows()  # values exactly on a decision threshold (tie -> lower code), and one ulp off
-    t = {"ties": torch.cat([rows, -rows]),
-         "scaled ties": torch.cat([rows * 3.7, rows * 0.013]),
-         "zero blocks": torch.cat([torch.randn(64), torch.zeros(128), torch.randn(30)]),
-         "zero tail": torch.cat([torch.randn(128), torch.zeros(10)]),   # stored absmax = 1e-38, not 0
-         "tiny": torch.cat([torch.randn(64) * s for s in (1e-36, 1e-40, 3e-35, 1e-30)] + [torch.full((64,), 1e-45)]),
-         "huge": (torch.rand(5, 64) * 2 - 1) * torch.finfo(dtype).max / 20}[case].to(dtype)
+    t = nf4_edge_case(case, dtype)  # values exactly on a decision threshold (tie -> lower code), and one ulp off
     for dq in (True, False):
         assert_equals_bnb(t, dq)
     if case == "ties" and dtype == torch.float32:  # the codes themselves: a tie goes to the lower code
@@ -139,7 +127,7 @@ def test_bad_arguments():
 def test_other_blocksizes_equal_bitsandbytes():
     t = torch.randn(40, 70)
     for bs in (32, 128, 4096):
-        q, st = BF.quantize_4bit(t, blocksize=bs, compress_statistics=True, quant_type="nf4")
+        q, st = bnb().functional.quantize_4bit(t, blocksize=bs, compress_statistics=True, quant_type="nf4")
         w = quantize_nf4(t, bs)
         assert torch.equal(w.packed, q) and torch.equal(w.absmax, st.absmax)
         assert torch.equal(w.dequantize(), formula(w))
@@ -185,10 +173,10 @@ IN, OUT = 128, 48
 
 
 def make_bnb4(lin, double_quant=True):
-    """bitsandbytes' Linear4bit holding lin's weight; kept in train mode (peft_nf4.md §4.8)."""
-    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=torch.float32,
+    """bitsandbytes' Linear4bit holding lin's weight; kept in train mode (docs/NF4.md ("bitsandbytes CPU traps"))."""
+    q = bnb().nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=torch.float32,
                           compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.uint8)
-    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=double_quant,
+    q.weight = bnb().nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=double_quant,
                                  quant_type="nf4")
     q = q.to("cpu").train()
     q.support_avx512bf16_for_cpu = False
@@ -229,7 +217,7 @@ def test_loads_bitsandbytes_state_dict_and_matches_its_forward(double_quant):
     assert layer.double_quant == double_quant and layer.absmax.dtype == (torch.uint8 if double_quant else torch.float32)
     x = torch.randn(3, 5, IN)
     assert torch.equal(layer(x), q(x))
-    assert torch.equal(layer.dequantize(), BF.dequantize_4bit(q.weight.data, q.weight.quant_state))
+    assert torch.equal(layer.dequantize(), bnb().functional.dequantize_4bit(q.weight.data, q.weight.quant_state))
 
 
 def test_loads_a_checkpoint_written_by_transformers(tmp_path):
