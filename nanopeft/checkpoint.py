@@ -95,7 +95,7 @@ def read_json(path: Path, allow_nan: bool = True) -> dict:
 
 # ---------------------------------------------------------------- Meta's original .pth → hub names
 def meta_to_hub(key: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """One Meta key → zero or more hub (key, tensor) pairs (dinov3.md §3b). The fused qkv is split in
+    """One Meta key → zero or more hub (key, tensor) pairs (docs/DINOV3.md, "Checkpoint keys (Meta .pth)"). The fused qkv is split in
     three along the output rows; the K bias (always masked to 0 by Meta) and training-only keys drop."""
     if key == "rope_embed.periods":
         return []  # RoPE periods are recomputed in fp32 (HF parity; Meta's are bf16-rounded)

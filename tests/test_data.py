@@ -386,7 +386,14 @@ def test_dataset_layout(tmp_path, reliability_case):
             scan_dataset(root, class_names=["a", "b"])
         samples, unseen = scan_test_set(root, ["b", "a"])
         assert [s.label for s in samples] == [1, 1, 0, 0] and unseen == {"c": 2}
-    elif case == "ds-skip-bad":
+    elif case in ("ds-skip-bad", "ds-csv-not-utf8", "ds-csv-utf16"):
+        unreadable_or_csv(case, root, tmp_path)
+    else:
+        raise KeyError(case)
+
+
+def unreadable_or_csv(case, root, tmp_path):
+    if case == "ds-skip-bad":
         files = [good(root / "a" / f"{i}.png") for i in range(3)]
         (root / "a" / "9.png").write_bytes(b"")
         half(root / "a" / "8.png", files[0])
@@ -402,5 +409,3 @@ def test_dataset_layout(tmp_path, reliability_case):
         csv_path.write_bytes(f"path,label\n{p},café\n".encode("latin-1" if case == "ds-csv-not-utf8" else "utf-16"))
         with pytest.raises(ValueError, match=f"{csv_path}: not UTF-8 text \\(byte \\d+\\)"):
             scan_dataset(csv_path)
-    else:
-        raise KeyError(case)
