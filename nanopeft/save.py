@@ -24,7 +24,7 @@ takes `pixel_values`, which PEFT's task-specific wrappers would not pass through
 
 Unlike PEFT, `load_adapter` refuses what it cannot place: keys that match no adapter, wrong shapes or
 dtypes, NaN/inf values, and adapter tensors missing from the file, each error naming the key. Adapter files
-are untrusted downloads: they are read only from safetensors (header validated by checkpoint.py first) and
+are untrusted downloads: they are read only from safetensors (header validated by checkpoint_format.py first) and
 JSON; a pickled `adapter_model.bin` is never opened, so a crafted file cannot run code. Files are written atomically (temp
 file + os.replace). An existing adapter of a different shape (method, r, alpha, targets, head) in the
 directory is not overwritten unless overwrite=True; re-saving the same adapter (checkpoints of one run) is.
@@ -43,7 +43,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, check_finite, parse_json, read_json, read_safetensors_header
+from .checkpoint_format import CheckpointError, check_finite, parse_json, read_json, read_safetensors_header
 from .dora import DoRALinear
 from .inject import adapter_layers, add_adapters
 

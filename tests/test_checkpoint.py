@@ -408,8 +408,9 @@ def index_damage(folder, case):
         index.write_text(json.dumps(doc).replace(f'"{key}": ', f'"{key}": "{shard}", "{key}": ', 1))
     elif case == "index-no-weight-map":
         index.write_text(json.dumps({"metadata": {}}))
-    elif case == "index-path-outside":
-        index.write_text(json.dumps({"weight_map": {**wm, key: "../" + shard}}))
+    elif case == "index-path-outside":  # a valid shard waits outside: following the path would load
+        shutil.copy(folder / shard, folder.parent / shard)
+        index.write_text(json.dumps({"weight_map": {k: "../" + v if v == shard else v for k, v in wm.items()}}))
     elif case == "index-wrong-shard":
         index.write_text(json.dumps({"weight_map": {**wm, key: other}}))
         return folder / shard, [key, other]
