@@ -2,18 +2,24 @@
 
     image folder  root/<class>/**/*.jpg  ─┐
     or CSV        path,label[,source]    ─┴─> scan_dataset ──> [Sample(path, label, source)], class_names
-    training pool ──> stratified_split(val_fraction=0.2, seed=42) ──> train, val       (paper.md §1)
-    ImageDataset(train, multiplier=3, strength="medium"):                             (paper.md §2)
+    training pool ──> stratified_split(val_fraction=0.2, seed=42) ──> train, val    (docs/RECIPE.md "The recipe")
+    ImageDataset(train, multiplier=3, strength="medium"):        (docs/RECIPE.md "The recipe")
         index i -> image i // 3, variant i % 3: variant 0 clean, variants 1, 2 augmented
         Pillow decode -> float [0, 1] -> augment (torch ops, one generator per sample) -> resize 224 + ImageNet norm
 
 Class index = position in the sorted label strings (the paper's order: capitals first). Validation and test
 datasets use multiplier=1 and are never augmented. `check_images` decodes everything once up front, so a corrupt
 file stops a run before training starts instead of crashing a DataLoader worker hours later.
+
+Bad input (tests/test_data.py, docs/RELIABILITY.md): hidden files and non-images in class folders are ignored;
+grayscale, RGBA, palette, 16-bit and CMYK images become 8-bit RGB; EXIF rotation is applied; an image smaller
+than one patch, a decompression bomb (JPEGs are decoded downscaled instead), or a file Pillow cannot decode is an
+OSError naming the file, which check_images collects so that `--skip-bad` can leave it out.
 """
 
 import csv
 import hashlib
+from collections import Counter
 import math
 import os
 from collections import defaultdict
@@ -29,6 +35,12 @@ from tqdm import tqdm
 from .augment import STRENGTH_NAMES, augment, resize_normalize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
+# Decoded-size limits. MAX_PIXELS bounds the memory of one image (40 MP: 120 MB as uint8, 480 MB as the float
+# tensor augmentation works on), far above any camera frame; a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale
+# (Pillow's draft mode, no full-size decode), anything else larger is refused. Pillow's own decompression-bomb
+# check at open (Image.MAX_IMAGE_PIXELS, left at its default) refuses still larger files before we see them.
+MAX_PIXELS = 40_000_000
+MIN_SIDE = 16  # one DINOv3 patch: a smaller image is not a photo (and breaks the augmentations' filters)
 
 
 @dataclass(frozen=True)
@@ -46,23 +58,43 @@ def scan_dataset(path, class_names=None):
     CSV: a header row with `path,label` and optionally `source`; relative paths are resolved against the CSV's folder.
     class_names: pass the training classes when scanning a test set, so indices match and unknown labels fail.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
-    if path.is_dir():
-        rows = _scan_folder(path)
-    elif path.suffix.lower() == ".csv":
-        rows = _read_csv(path)
-    else:
-        raise ValueError(f"{path}: expected an image folder or a .csv manifest")
+    rows = _rows(Path(path))
     names = sorted({label for _, label, _, _ in rows}) if class_names is None else list(class_names)
     index = {name: i for i, name in enumerate(names)}
     samples = []
     for file, label, source, where in rows:
         if label not in index:
-            raise ValueError(f"{where}: label {label!r} is not one of the classes {names}")
+            raise ValueError(f"{shown(where)}: label {label!r} is not one of the classes {names}")
         samples.append(Sample(file, index[label], source))
     return samples, names
+
+
+def scan_test_set(path, class_names):
+    """A test set against the training classes -> (samples of those classes, {unseen label: image count}).
+
+    For eval: scan_dataset(path, class_names) refuses a label training never saw; this lets the caller
+    report the unseen classes (or evaluate the known ones and say how many images it left out)."""
+    rows = _rows(Path(path))
+    index = {name: i for i, name in enumerate(class_names)}
+    unseen = Counter(label for _, label, _, _ in rows if label not in index)
+    samples = [Sample(file, index[label], source) for file, label, source, _ in rows if label in index]
+    return samples, dict(sorted(unseen.items()))
+
+
+def shown(path) -> str:
+    """A path for messages and logs: a file name that is not valid UTF-8 (Python keeps its bytes as lone
+    surrogates, which print() and UTF-8 files refuse) gets those bytes written as \\xNN escapes."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _rows(path):
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {shown(path)}")
+    if path.is_dir():
+        return _scan_folder(path)
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path)
+    raise ValueError(f"{shown(path)}: expected an image folder or a .csv manifest")
 
 
 def _is_image(f, root):
@@ -74,39 +106,47 @@ def _scan_folder(root):
     """-> [(file, label, source, where)] for root/<class>/**/<image>, files sorted so the order is reproducible."""
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
-        raise ValueError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
+        raise ValueError(f"{shown(root)}: no class sub-folders (expected {shown(root)}/<class>/<image>)")
     rows = []
     for d in class_dirs:
         files = sorted(f for f in d.rglob("*") if _is_image(f, d))
         if not files:
-            raise ValueError(f"{d}: class folder has no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"{shown(d)}: class folder has no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
         rows += [(str(f), d.name, "", str(d)) for f in files]
     return rows
 
 
 def _read_csv(csv_path):
     """-> [(file, label, source, where)] from a `path,label[,source]` manifest; errors name the file and line."""
-    rows = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: tolerate Excel's byte-order mark
-        reader = csv.DictReader(f)
-        header = [(name or "").strip() for name in (reader.fieldnames or [])]
-        missing = [c for c in ("path", "label") if c not in header]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; need a header row path,label[,source], "
-                             f"got {header}")
-        reader.fieldnames = header
-        for row in reader:
-            where = f"{csv_path}:{reader.line_num}"
-            file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-            if not file or not label:
-                raise ValueError(f"{where}: empty path or label")
-            full = Path(file).expanduser()
-            full = full if full.is_absolute() else csv_path.parent / full
-            if not full.is_file():
-                raise ValueError(f"{where}: image not found: {full}")
-            rows.append((str(full), label, (row.get("source") or "").strip(), where))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: tolerate Excel's byte-order mark
+            rows = _csv_rows(csv.DictReader(f), csv_path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{shown(csv_path)}: not UTF-8 text (byte {e.start}); save the manifest as UTF-8") from e
+    except csv.Error as e:  # e.g. a NUL byte: not a text file
+        raise ValueError(f"{shown(csv_path)}: not a readable CSV file ({e})") from e
     if not rows:
-        raise ValueError(f"{csv_path}: no rows after the header")
+        raise ValueError(f"{shown(csv_path)}: no rows after the header")
+    return rows
+
+
+def _csv_rows(reader, csv_path):
+    header = [(name or "").strip() for name in (reader.fieldnames or [])]
+    missing = [c for c in ("path", "label") if c not in header]
+    if missing:
+        raise ValueError(f"{shown(csv_path)}: missing column(s) {missing}; need a header row path,label[,source], "
+                         f"got {header}")
+    reader.fieldnames, rows = header, []
+    for row in reader:
+        where = f"{shown(csv_path)}:{reader.line_num}"
+        file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not file or not label:
+            raise ValueError(f"{where}: empty path or label")
+        full = Path(file).expanduser()
+        full = full if full.is_absolute() else csv_path.parent / full
+        if not full.is_file():
+            raise ValueError(f"{where}: image not found: {shown(full)}")
+        rows.append((str(full), label, (row.get("source") or "").strip(), where))
     return rows
 
 
@@ -134,13 +174,43 @@ def stratified_split(samples, val_fraction=0.2, seed=42):
 # ----------------------------------------------------------------------------- decoding
 def load_image(path):
     """Decode with Pillow -> uint8 (3, H, W) RGB. EXIF orientation is applied (cv2.imread, which the seed code used,
-    does so too); grayscale, RGBA (alpha dropped, as cv2 does) and palette images become RGB."""
+    does so too); grayscale, RGBA (alpha dropped, as cv2 does), palette and CMYK images become RGB, 16-bit ones
+    keep their high byte. Any failure is an OSError naming the file (its cause chained)."""
     try:
         with Image.open(path) as im:
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            _fit_in_memory(im)
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit gray: convert("RGB") would clip at 255
+                im = Image.fromarray((np.asarray(im).clip(0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
+            rgb = im.convert("RGB")
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise OSError(f"cannot read image {shown(path)}: {type(e).__name__}: {e}") from e
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def _fit_in_memory(im):
+    """Refuse an image smaller than a patch; decode a JPEG over MAX_PIXELS at a reduced scale (draft mode:
+    1/2, 1/4 or 1/8, by the decoder, never full size), refuse anything else over it. Before any decoding."""
+    w, h = im.size
+    if min(w, h) < MIN_SIDE:
+        raise ValueError(f"{w}×{h} pixels is smaller than one {MIN_SIDE}×{MIN_SIDE} patch")
+    if w * h > MAX_PIXELS and im.format == "JPEG":
+        scale = next((s for s in (2, 4, 8) if w * h <= MAX_PIXELS * s * s), 8)
+        im.draft("RGB", (-(-w // scale), -(-h // scale)))
+    if im.size[0] * im.size[1] > MAX_PIXELS:
+        raise ValueError(f"{w}×{h} pixels is more than MAX_PIXELS={MAX_PIXELS:,} (a decompression bomb?); "
+                         f"downscale it")
+
+
+def skip_unreadable(samples, bad):
+    """samples without the unreadable images check_images found (`--skip-bad`), input order kept."""
+    skip = {str(p) for p, _ in bad}
+    return [s for s in samples if str(s.path) not in skip]
+
+
+def describe_unreadable(bad) -> list[str]:
+    """One line per unreadable image, for train.log / eval's log: `skipped <path>: <reason>`."""
+    return [f"skipped {shown(p)}: {reason}" for p, reason in bad]
 
 
 def check_images(samples, workers=None, progress=True):
@@ -204,7 +274,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         s = self.sample(index)
         x = load_image(s.path).float() / 255  # (3, H, W) in [0, 1]; augment at the original size, resize last
-        if index % self.multiplier:  # variant 0 is always clean (paper.md §2)
+        if index % self.multiplier:  # variant 0 is always clean (docs/RECIPE.md "The recipe")
             x = augment(x, torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index)), self.strength)
         return resize_normalize(x, self.image_size), s.label  # (3, S, S)
 

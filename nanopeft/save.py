@@ -22,8 +22,10 @@ head. `PeftModel.from_pretrained(DINOv3ViTModel.from_pretrained(...), dir)` find
 (checked in tests/test_save.py); with no head, `modules_to_save` is null. `task_type` is null: DINOv3ViTModel
 takes `pixel_values`, which PEFT's task-specific wrappers would not pass through.
 
-Unlike PEFT, `load_adapter` refuses what it cannot place: keys that match no adapter, wrong shapes, and
-adapter tensors missing from the file, each error naming the keys. Files are written atomically (temp
+Unlike PEFT, `load_adapter` refuses what it cannot place: keys that match no adapter, wrong shapes or
+dtypes, NaN/inf values, and adapter tensors missing from the file, each error naming the key. Adapter files
+are untrusted downloads: they are read only from safetensors (header validated by checkpoint_format.py first) and
+JSON; a pickled `adapter_model.bin` is never opened, so a crafted file cannot run code. Files are written atomically (temp
 file + os.replace). An existing adapter of a different shape (method, r, alpha, targets, head) in the
 directory is not overwritten unless overwrite=True; re-saving the same adapter (checkpoints of one run) is.
 A directory with only a head or extra tensors (no adapters) is valid for load_adapter, not for PEFT.
@@ -41,6 +43,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint_format import CheckpointError, check_finite, parse_json, read_json, read_safetensors_header
 from .dora import DoRALinear
 from .inject import adapter_layers, add_adapters
 
@@ -138,7 +141,7 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     directory.mkdir(parents=True, exist_ok=True)
     old = directory / CONFIG_NAME
     if not overwrite and old.exists():
-        prev = json.loads(old.read_text())
+        prev = read_json(old)
         diff = [k for k in IDENTITY if prev.get(k) != config[k]]
         if diff:
             raise FileExistsError(f"{old} holds a different adapter ({', '.join(diff)} differ); "
@@ -167,22 +170,80 @@ def _our_targets(model: nn.Module, targets):
     return [from_peft_path(t) for t in targets]
 
 
+def _check_config(cfg: dict, cfg_path: Path) -> None:
+    """The fields load_adapter uses, type-checked so a damaged config fails here, naming the field."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for field in UNSUPPORTED:  # PEFT features we do not implement: refuse rather than load something else
+        if cfg.get(field) not in (None, False, "none", {}, []):
+            raise CheckpointError(f"{cfg_path}: {field}={cfg[field]!r} is not supported by nanopeft")
+
+    def names(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    least = 1 if cfg.get("target_modules") else 0  # a head-only directory stores r = alpha = 0
+    checks = {"r": lambda v: type(v) is int and v >= least,
+              "lora_alpha": lambda v: type(v) in (int, float) and v >= least,
+              "lora_dropout": lambda v: v is None or (type(v) in (int, float) and 0 <= v < 1),
+              "use_dora": lambda v: v is None or isinstance(v, bool),
+              "use_rslora": lambda v: v is None or isinstance(v, bool),
+              "target_modules": lambda v: v is None or isinstance(v, str) or names(v),
+              "modules_to_save": lambda v: v is None or names(v)}
+    for field, ok in checks.items():
+        if (field in cfg or field in ("r", "lora_alpha")) and not ok(cfg.get(field)):
+            raise CheckpointError(f"{cfg_path}: invalid {field}={cfg.get(field)!r}")
+
+
 def _read(directory: Path) -> tuple[dict, dict, set]:
-    """adapter_config.json, the tensors, and the names of the extra tensors; refuses unsupported configs."""
+    """adapter_config.json, the tensors, and the names of the extra tensors; refuses unsupported configs.
+    Only safetensors + JSON: a pickle (PEFT's old adapter_model.bin) is never unpickled."""
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not w_path.is_file() and (directory / "adapter_model.bin").is_file():
+        raise CheckpointError(f"{directory / 'adapter_model.bin'} is a pickle, which nanopeft never loads "
+                              f"(it can run code); save the adapter as {WEIGHTS_NAME}")
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing: not an adapter directory")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    for field in UNSUPPORTED:  # PEFT features we do not implement: refuse rather than load something else
-        if cfg.get(field) not in (None, False, "none", {}, []):
-            raise ValueError(f"{cfg_path}: {field}={cfg[field]!r} is not supported by nanopeft")
+    cfg = read_json(cfg_path)
+    _check_config(cfg, cfg_path)
+    header = read_safetensors_header(w_path)  # damaged files fail here, before safetensors sees them
+    extra_names = parse_json(header.metadata.get(EXTRA_META, "[]").encode(), f"{w_path} metadata {EXTRA_META}")
+    if not isinstance(extra_names, list) or not all(isinstance(n, str) for n in extra_names):
+        raise CheckpointError(f"{w_path}: metadata {EXTRA_META} must be a JSON list of tensor names")
     with safe_open(w_path, "pt") as f:
-        extra_names = set(json.loads((f.metadata() or {}).get(EXTRA_META, "[]")))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return cfg, tensors, extra_names
+        tensors = {k: check_finite(f.get_tensor(k), k, w_path) for k in header.tensors}
+    return cfg, tensors, set(extra_names)
+
+
+def _sort_keys(tensors: dict, expected: dict, heads: tuple, extra_names: set, w_path: Path):
+    """The file's keys -> (adapter tensors by our name, head state dict, extra tensors); refuses keys
+    that fit nowhere, missing adapter tensors, and wrong shapes or dtypes, naming the key."""
+    head_sd, extra, found, unknown = {}, {}, {}, []
+    for key, t in tensors.items():
+        rest = key.removeprefix(PREFIX) if key.startswith(PREFIX) else None
+        if rest is None:
+            unknown.append(key)
+        elif rest in extra_names:
+            extra[rest] = t
+        elif heads and rest.startswith(heads):
+            head_sd[rest.partition(".")[2]] = t
+        elif from_peft_path(rest) in expected:  # either layout: `layer.N...` or `model.layer.N...`
+            found[from_peft_path(rest)] = t
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{w_path}: {len(unknown)} key(s) match no adapter of the model: {unknown[:4]}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise CheckpointError(f"{w_path}: {len(missing)} adapter tensor(s) missing: {missing[:4]}")
+    bad = [f"{k}: file {tuple(t.shape)} vs model {tuple(expected[k].shape)}" for k, t in found.items()
+           if t.shape != expected[k].shape]
+    if bad:
+        raise CheckpointError(f"{w_path}: shape mismatch: {bad[:4]}")
+    bad = [f"{k}: {t.dtype}" for k, t in found.items() if not t.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"{w_path}: adapter tensors must be floating point, got {bad[:4]}")
+    return found, head_sd, extra
 
 
 def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.Module | None = None) -> dict:
@@ -207,34 +268,12 @@ def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.
     for name, w in layers:  # adapters already in the model must be the file's kind
         have = (isinstance(w, DoRALinear), w.rank, w.alpha, w.use_rslora)
         if have != want:
-            raise ValueError(f"{name}: the model's adapter (dora, r, alpha, rslora) = {have} does not match "
-                             f"{directory / CONFIG_NAME}'s {want}")
+            raise CheckpointError(f"{name}: the model's adapter (dora, r, alpha, rslora) = {have} does not match "
+                                  f"{directory / CONFIG_NAME}'s {want}")
 
-    # sort the file's keys: head, extra, adapter tensor (either layout), or unknown
     expected = {k: t for name, w in layers for k, t in _adapter_tensors(name, w).items()}
     heads = tuple(f"{h}." for h in (cfg.get("modules_to_save") or []))
-    head_sd, extra, found, unknown = {}, {}, {}, []
-    for key, t in tensors.items():
-        rest = key.removeprefix(PREFIX) if key.startswith(PREFIX) else None
-        if rest is None:
-            unknown.append(key)
-        elif rest in extra_names:
-            extra[rest] = t
-        elif heads and rest.startswith(heads):
-            head_sd[rest.partition(".")[2]] = t
-        elif from_peft_path(rest) in expected:  # either layout: `layer.N...` or `model.layer.N...`
-            found[from_peft_path(rest)] = t
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"{w_path}: {len(unknown)} key(s) match no adapter of the model: {unknown[:4]}")
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise ValueError(f"{w_path}: {len(missing)} adapter tensor(s) missing: {missing[:4]}")
-    bad = [f"{k}: file {tuple(t.shape)} vs model {tuple(expected[k].shape)}" for k, t in found.items()
-           if t.shape != expected[k].shape]
-    if bad:
-        raise ValueError(f"{w_path}: shape mismatch: {bad[:4]}")
+    found, head_sd, extra = _sort_keys(tensors, expected, heads, extra_names, w_path)
 
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -252,7 +291,12 @@ def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.
 
     if head is not None:
         if not head_sd:
-            raise ValueError(f"{w_path} holds no head (no {PREFIX}{HEAD}.* keys), but head= was given")
+            raise CheckpointError(f"{w_path} holds no head (no {PREFIX}{HEAD}.* keys), but head= was given")
+        want = head.state_dict()
+        bad = [f"{k}: {t.dtype} vs {want[k].dtype}" for k, t in head_sd.items()
+               if k in want and t.is_floating_point() != want[k].is_floating_point()]
+        if bad:  # load_state_dict would cast an integer tensor into a float weight without a word
+            raise CheckpointError(f"{w_path}: head tensor dtypes do not fit the head: {bad[:4]}")
         try:
             head.load_state_dict(head_sd, strict=True)
         except RuntimeError as e:

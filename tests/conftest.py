@@ -141,3 +141,54 @@ def nf4_edge_case(case: str, dtype: torch.dtype) -> torch.Tensor:
          "tiny": torch.cat([torch.randn(64) * s for s in (1e-36, 1e-40, 3e-35, 1e-30)] + [torch.full((64,), 1e-45)]),
          "huge": (torch.rand(5, 64) * 2 - 1) * torch.finfo(dtype).max / 20}[case]
     return t.to(dtype)
+# ---- reliability helpers
+# The fault table (docs/RELIABILITY.md) is data: tests/reliability_cases.json, one row per fault or bad
+# input with the outcome promised. A test that takes the argument `reliability_case` runs once per row whose
+# "test" names it ("test_file.py::test_name") and asserts that row's outcome; tests/test_reliability.py
+# renders the rows to docs/RELIABILITY.md and checks that every row has such a test.
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+RELIABILITY_CASES = Path(__file__).parent / "reliability_cases.json"
+
+
+def pytest_generate_tests(metafunc):
+    if "reliability_case" in metafunc.fixturenames:
+        me = f"{Path(str(metafunc.definition.fspath)).name}::{metafunc.definition.originalname}"
+        rows = [r for r in json.loads(RELIABILITY_CASES.read_text()) if r["test"] == me]
+        metafunc.parametrize("reliability_case", rows, ids=[r["id"] for r in rows])
+
+
+@pytest.fixture(scope="session")
+def own_tiny_ckpt(tmp_path_factory):
+    """Factory: own_tiny_ckpt(sharded=False) -> folder with config.json + model.safetensors (or three
+    shards and model.safetensors.index.json) of nanopeft's own tiny DINOv3 with seeded random weights.
+    Needs no transformers: for the tests of what a damaged checkpoint does."""
+    from safetensors.torch import save_file
+
+    from nanopeft.config import PRESETS
+    from nanopeft.model import DINOv3ViT
+
+    cache = {}
+
+    def build(sharded=False):
+        if sharded not in cache:
+            torch.manual_seed(0)
+            cfg = PRESETS["tiny"]
+            sd = {k: torch.randn(v.shape) * 0.05 for k, v in DINOv3ViT(cfg).state_dict().items()}
+            out = tmp_path_factory.mktemp("own-tiny-sharded" if sharded else "own-tiny")
+            (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+            if not sharded:
+                save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+            else:
+                keys, weight_map = sorted(sd), {}
+                for i in range(3):
+                    name = f"model-{i + 1:05d}-of-00003.safetensors"
+                    part = {k: sd[k] for k in keys[i::3]}
+                    save_file(part, out / name, metadata={"format": "pt"})
+                    weight_map |= {k: name for k in part}
+                (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+            cache[sharded] = out
+        return cache[sharded]
+
+    return build

@@ -10,12 +10,16 @@ from safetensors.torch import load_file, save_file
 from nanopeft import load_dinov3
 from nanopeft.checkpoint import CheckpointError
 
-transformers = pytest.importorskip("transformers")
 X = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))  # non-square: 4 × 6 patches
 
 
+def hf_lib():
+    """transformers, the oracle: tests that need it skip one by one when it is missing."""
+    return pytest.importorskip("transformers")
+
+
 def reference(folder, dtype=torch.float32):
-    hf = transformers.DINOv3ViTModel.from_pretrained(folder, dtype=dtype).eval()
+    hf = hf_lib().DINOv3ViTModel.from_pretrained(folder, dtype=dtype).eval()
     with torch.no_grad():
         return hf(pixel_values=X.to(dtype)).last_hidden_state
 
@@ -69,7 +73,7 @@ def test_config_pos_embed_switch(tiny_ckpt, tmp_path):
 
 
 def to_meta_layout(sd: dict, gated: bool) -> dict:
-    """The inverse of dinov3.md §3b: a hub state dict in Meta's original key layout."""
+    """The inverse of docs/DINOV3.md ("Checkpoint keys (Meta .pth)"): a hub state dict in Meta's original key layout."""
     out = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
            "mask_token": sd["embeddings.mask_token"][0],  # Meta stores (1, D)
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
@@ -277,10 +281,10 @@ def test_quantize_on_load_dtype_is_compute_dtype(tiny_ckpt):
 def test_prequantized_transformers_bnb_checkpoint(tiny_ckpt, tmp_path):
     pytest.importorskip("bitsandbytes")
     folder, _ = tiny_ckpt()
-    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    cfg = hf_lib().BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    hf = transformers.DINOv3ViTModel.from_pretrained(folder, quantization_config=cfg, device_map="cpu")
-    hf.train()  # bnb repacks its CPU weights in eval mode (peft_nf4.md §4.8): compare layer by layer
+    hf = hf_lib().DINOv3ViTModel.from_pretrained(folder, quantization_config=cfg, device_map="cpu")
+    hf.train()  # bnb repacks its CPU weights in eval mode (docs/NF4.md "bitsandbytes CPU traps"): compare layer by layer
     hf.save_pretrained(tmp_path)
     assert "quantization_config" in json.loads((tmp_path / "config.json").read_text())
     ours = load_dinov3(tmp_path)  # NF4 read as stored: no re-quantization
@@ -297,9 +301,9 @@ def test_prequantized_transformers_bnb_checkpoint(tiny_ckpt, tmp_path):
 def test_prequantized_with_missing_state_is_refused(tiny_ckpt, tmp_path):
     pytest.importorskip("bitsandbytes")
     folder, _ = tiny_ckpt()
-    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    cfg = hf_lib().BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    hf = transformers.DINOv3ViTModel.from_pretrained(folder, quantization_config=cfg, device_map="cpu").train()
+    hf = hf_lib().DINOv3ViTModel.from_pretrained(folder, quantization_config=cfg, device_map="cpu").train()
     hf.save_pretrained(tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
     del sd["layer.1.mlp.up_proj.weight.absmax"]
@@ -316,3 +320,201 @@ def test_nan_weight_is_named(tiny_ckpt, tmp_path):
     save_file(sd, out / "model.safetensors")
     with pytest.raises(ValueError, match="layer.1.attention.k_proj.weight"):
         load_dinov3(out, quantize="nf4")
+
+
+# ------------------------------------------------------------------ damaged files (docs/RELIABILITY.md)
+TARGET = "layer.0.mlp.up_proj.weight"  # (128, 64) float32: the tensor the damage is aimed at
+
+
+def split_st(path):
+    """A safetensors file -> (header dict, the bytes after it)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def write_st(path, header: bytes, body: bytes):
+    path.write_bytes(len(header).to_bytes(8, "little") + header + body)
+
+
+def edit_header(path, fn):
+    """Rewrite the header as text: fn(json text) -> new text (bytes allowed)."""
+    header, body = split_st(path)
+    text = fn(json.dumps(header))
+    write_st(path, text if isinstance(text, bytes) else text.encode(), body)
+
+
+def edit_entry(path, key, **fields):
+    header, body = split_st(path)
+    header[key].update(fields)
+    write_st(path, json.dumps(header).encode(), body)
+
+
+def cut(path, fraction):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def st_damage(folder, case):
+    """Damage folder/model.safetensors as `case` says -> the strings the error must name besides the file."""
+    f = folder / "model.safetensors"
+    header, body = split_st(f)
+    n = len(f.read_bytes()) - len(body) - 8
+    begin, end = header[TARGET]["data_offsets"]
+    actions = {
+        "st-truncated-length": lambda: f.write_bytes(f.read_bytes()[:5]),
+        "st-truncated-header": lambda: f.write_bytes(f.read_bytes()[: 8 + n // 2]),
+        "st-truncated-data": lambda: f.write_bytes(f.read_bytes()[: 8 + n + (begin + end) // 2]),
+        "st-trailing-bytes": lambda: f.write_bytes(f.read_bytes() + b"\0" * 7),
+        "st-length-too-large": lambda: f.write_bytes((len(f.read_bytes()) * 2).to_bytes(8, "little")
+                                                     + f.read_bytes()[8:]),
+        "st-length-zero": lambda: f.write_bytes(bytes(8) + f.read_bytes()[8:]),
+        "st-header-not-utf8": lambda: edit_header(f, lambda t: t.encode().replace(b"norm", b"n\xffrm", 1)),
+        "st-header-not-json": lambda: edit_header(f, lambda t: t.replace(":", ";", 3)),
+        "st-header-not-object": lambda: edit_header(f, lambda t: "[" + t + "]"),
+        "st-header-deep-nesting": lambda: edit_header(f, lambda t: '{"a": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+        "st-header-nan": lambda: edit_header(f, lambda t: t.replace('"shape": [128, 64]', '"shape": [NaN, 64]', 1)),
+        "st-duplicate-key": lambda: edit_header(f, lambda t: t.replace(
+            f'"{TARGET}": ', f'"{TARGET}": {json.dumps(header[TARGET])}, "{TARGET}": ', 1)),
+        "st-field-renamed": lambda: edit_header(f, lambda t: t.replace(
+            f'"{TARGET}": {{"dtype": "F32", "shape"', f'"{TARGET}": {{"dtype": "F32", "shapx"', 1)),
+        "st-dtype-changed": lambda: edit_entry(f, TARGET, dtype="F33"),
+        "st-shape-digit": lambda: edit_entry(f, TARGET, shape=[129, 64]),
+        "st-offsets-overlap": lambda: edit_entry(f, TARGET, data_offsets=[begin - 64, end - 64]),
+        "st-offsets-out-of-range": lambda: edit_entry(f, TARGET, data_offsets=[len(body) + 8, len(body) + 8 + end - begin]),
+        "st-metadata-invalid": lambda: write_st(f, json.dumps({**header, "__metadata__": {"format": 1}}).encode(), body),
+        "st-key-renamed": lambda: write_st(f, json.dumps({("norm.biaz" if k == "norm.bias" else k): v
+                                                           for k, v in header.items()}).encode(), body),
+    }
+    actions[case]()
+    return {"st-truncated-data": [TARGET], "st-duplicate-key": [TARGET], "st-field-renamed": [TARGET],
+            "st-dtype-changed": [TARGET, "F33"], "st-shape-digit": [TARGET], "st-offsets-overlap": [TARGET],
+            "st-offsets-out-of-range": [TARGET], "st-key-renamed": ["norm.bias"],
+            "st-header-not-utf8": ["byte"]}.get(case, [])
+
+
+def index_damage(folder, case):
+    """Damage a sharded checkpoint's index (or a shard) -> (file the error names, other strings)."""
+    index = folder / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    wm = doc["weight_map"]
+    key, shard = next(iter(wm.items()))
+    other = next(v for v in wm.values() if v != shard)
+    if case == "index-missing-shard":
+        (folder / shard).unlink()
+        return index, [shard, key]
+    if case == "index-not-json":
+        index.write_text("{not json")
+    elif case == "index-duplicate-key":
+        index.write_text(json.dumps(doc).replace(f'"{key}": ', f'"{key}": "{shard}", "{key}": ', 1))
+    elif case == "index-no-weight-map":
+        index.write_text(json.dumps({"metadata": {}}))
+    elif case == "index-path-outside":  # a valid shard waits outside: following the path would load
+        shutil.copy(folder / shard, folder.parent / shard)
+        index.write_text(json.dumps({"weight_map": {k: "../" + v if v == shard else v for k, v in wm.items()}}))
+    elif case == "index-wrong-shard":
+        index.write_text(json.dumps({"weight_map": {**wm, key: other}}))
+        return folder / shard, [key, other]
+    elif case == "index-unlisted-key":
+        index.write_text(json.dumps({"weight_map": {k: v for k, v in wm.items() if k != key}}))
+        return folder / shard, [key]
+    return index, [key] if case in ("index-duplicate-key", "index-path-outside") else []
+
+
+class CallsMkdir:
+    """A pickle payload: unpickling it calls os.mkdir(marker). weights_only=True must never let it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (self.marker,)
+
+
+def pth_damage(folder, case, tmp_path):
+    """A Meta-style .pth (or a broken config.json) -> (path to load, file the error names, strings)."""
+    sd = load_file(folder / "model.safetensors")
+    pth = tmp_path / "weights.pth"
+    if case == "pth-crafted-pickle":
+        torch.save({"cls_token": CallsMkdir(tmp_path / "pwned")}, pth)
+    elif case == "pth-truncated":
+        torch.save(sd, pth)
+        cut(pth, 0.5)
+    elif case == "pth-not-a-state-dict":
+        torch.save({**sd, "epoch": 3}, pth)
+        return pth, pth, ["'epoch'"]
+    else:
+        text = (folder / "config.json").read_text()
+        (folder / "config.json").write_text(text[:-5] if case == "config-not-json"
+                                            else '{"hidden_size": 32, ' + text[1:])
+        return folder, folder / "config.json", ["hidden_size"] if case == "config-duplicate-key" else []
+    return pth, pth, []
+
+
+def test_damaged_checkpoint(own_tiny_ckpt, tmp_path, reliability_case):
+    """Each damage a checkpoint can suffer ends in one CheckpointError naming the file (and the tensor or
+    key at fault): never a KeyError, a crash or half a model."""
+    from nanopeft.checkpoint import SafetensorsSource
+
+    case = reliability_case["id"]
+    folder = copy_ckpt(own_tiny_ckpt(sharded=case.startswith("index")), tmp_path / "ckpt")
+    config = None
+    if case.startswith("index"):
+        path = folder
+        named, strings = index_damage(folder, case)
+    elif case.startswith(("pth", "config")):
+        path, named, strings = pth_damage(folder, case, tmp_path)
+        config = "tiny" if path.suffix == ".pth" else None
+    elif case in ("st-nan-values", "st-inf-values"):
+        sd = load_file(folder / "model.safetensors")
+        sd[TARGET][3, 5] = float("nan") if case == "st-nan-values" else float("inf")
+        save_file(sd, folder / "model.safetensors")
+        for fast in (True, False):
+            with pytest.raises(CheckpointError, match=f"model.safetensors: tensor '{TARGET}' holds 1 NaN/inf"):
+                list(SafetensorsSource([folder / "model.safetensors"], fast=fast).stream())
+        path, named, strings = folder, folder / "model.safetensors", [TARGET]
+        with pytest.raises(ValueError, match=TARGET):
+            load_dinov3(folder, quantize="nf4")
+    elif case == "st-shape-invalid":
+        f = folder / "model.safetensors"
+        for bad in ([-1, 64], [128.0, 64], [True, 64]):
+            edit_entry(f, TARGET, shape=bad)
+            with pytest.raises(CheckpointError, match=f"{f}: tensor '{TARGET}' has an invalid shape"):
+                load_dinov3(folder)
+        path, named, strings = folder, f, [TARGET]
+    else:
+        strings = st_damage(folder, case)
+        path, named = folder, (folder if case == "st-key-renamed" else folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_dinov3(path, config=config)
+    message = str(err.value)
+    assert str(named) in message and all(s in message for s in strings), message
+    assert "\n" not in message
+    if case == "index-missing-shard":
+        assert isinstance(err.value, FileNotFoundError)
+    if case == "pth-crafted-pickle":
+        assert not (tmp_path / "pwned").exists()  # the payload never ran
+
+
+def test_readers_agree(own_tiny_ckpt, tmp_path, reliability_case):
+    """The plain safe_open reader and the fast O_DIRECT reader yield the same tensors, on shards and on a
+    file whose odd offsets force the fast reader's aligned copies; both equal safetensors' load_file."""
+    from nanopeft.checkpoint import SafetensorsSource
+
+    g = torch.Generator().manual_seed(0)
+    odd = {"a": torch.randn(3, generator=g).bfloat16(), "b": torch.randn(5, 2, generator=g),
+           "c": torch.arange(7, dtype=torch.int64), "d": torch.tensor([True, False, True]),
+           "e": torch.zeros(0, 3, dtype=torch.float16), "model.f": torch.randn(9, generator=g).half(),
+           "g": torch.randint(-128, 127, (11,), dtype=torch.int8, generator=g)}
+    save_file(odd, tmp_path / "odd.safetensors")
+    sharded = own_tiny_ckpt(sharded=True)
+    for files in ([tmp_path / "odd.safetensors"], sorted(sharded.glob("model-*.safetensors"))):
+        want = {k.removeprefix("model."): v for f in files for k, v in load_file(f).items()}
+        simple = {k: t.clone() for k, t in SafetensorsSource(files, fast=False).stream()}
+        fast = {k: t.clone() for k, t in SafetensorsSource(files).stream()}
+        assert list(simple) == list(fast) and set(simple) == set(want)
+        for k in want:
+            assert simple[k].dtype == fast[k].dtype == want[k].dtype and simple[k].shape == want[k].shape
+            assert torch.equal(simple[k], fast[k]) and torch.equal(fast[k], want[k])
+    assert SafetensorsSource(files).fast  # the loader's default is the fast reader

@@ -1,7 +1,10 @@
 """Tests for nanopeft/data.py: scanning folders and CSVs, the stratified split, decoding, the 3x multiplier, worker
 independence of the augmentations, check_images and the demo dataset. Images are tiny so the file runs in seconds."""
 
+import os
 import pickle
+import struct
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -10,8 +13,9 @@ import torch
 from PIL import Image
 
 from nanopeft.augment import resize_normalize
-from nanopeft.data import (ImageDataset, Sample, check_images, load_image, make_demo_dataset, scan_dataset,
-                           stratified_split)
+from nanopeft import data
+from nanopeft.data import (ImageDataset, Sample, check_images, describe_unreadable, load_image, make_demo_dataset,
+                           scan_dataset, scan_test_set, shown, skip_unreadable, stratified_split)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,7 @@ def pool(counts):
 
 # ----------------------------------------------------------------------------- split
 def test_split_paper_counts():
-    train, val = stratified_split(pool([300] * 9), val_fraction=0.2, seed=42)  # paper.md §1: 240 / 60 per class
+    train, val = stratified_split(pool([300] * 9), val_fraction=0.2, seed=42)  # docs/RECIPE.md "The recipe": 240 / 60 per class
     assert Counter(s.label for s in train) == {c: 240 for c in range(9)}
     assert Counter(s.label for s in val) == {c: 60 for c in range(9)}
     assert set(train).isdisjoint(val) and len(set(train) | set(val)) == 2700
@@ -66,18 +70,18 @@ def test_scan_folder_extensions_and_modes(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "nested").mkdir(parents=True)
     (tmp_path / ".cache").mkdir()
-    Image.new("L", (8, 6), 100).save(tmp_path / "a" / "gray.PNG")
-    Image.new("RGBA", (8, 6), (10, 20, 30, 0)).save(tmp_path / "a" / "nested" / "rgba.png")
-    Image.new("P", (8, 6), 0).save(tmp_path / "b" / "pal.bmp")
-    Image.new("RGB", (8, 6), (1, 2, 3)).save(tmp_path / "b" / "x.WebP", lossless=True)
-    Image.new("RGB", (8, 6)).save(tmp_path / ".cache" / "ignored.png")
-    Image.new("RGB", (8, 6)).save(tmp_path / "b" / ".hidden.png")
+    Image.new("L", (20, 16), 100).save(tmp_path / "a" / "gray.PNG")
+    Image.new("RGBA", (20, 16), (10, 20, 30, 0)).save(tmp_path / "a" / "nested" / "rgba.png")
+    Image.new("P", (20, 16), 0).save(tmp_path / "b" / "pal.bmp")
+    Image.new("RGB", (20, 16), (1, 2, 3)).save(tmp_path / "b" / "x.WebP", lossless=True)
+    Image.new("RGB", (20, 16)).save(tmp_path / ".cache" / "ignored.png")
+    Image.new("RGB", (20, 16)).save(tmp_path / "b" / ".hidden.png")
     (tmp_path / "b" / "notes.txt").write_text("not an image")
     samples, names = scan_dataset(tmp_path)
     assert names == ["a", "b"]
     assert [s.path.rsplit("/", 1)[1] for s in samples] == ["gray.PNG", "rgba.png", "pal.bmp", "x.WebP"]
     images = [load_image(s.path) for s in samples]
-    assert all(im.shape == (3, 6, 8) and im.dtype == torch.uint8 for im in images)
+    assert all(im.shape == (3, 16, 20) and im.dtype == torch.uint8 for im in images)
     assert images[0].unique().tolist() == [100]  # gray -> all three channels equal
     assert images[1][:, 0, 0].tolist() == [10, 20, 30]  # alpha dropped, colour kept
     assert images[3][:, 0, 0].tolist() == [1, 2, 3]
@@ -215,3 +219,193 @@ def test_demo_dataset_is_learnable(tmp_path):
     again = make_demo_dataset(tmp_path / "again", num_classes=9, per_class=6, size=(32, 32), seed=1)
     assert np.array_equal(np.asarray(Image.open(again / "class_3" / "img_0002.png")),
                           np.asarray(Image.open(root / "class_3" / "img_0002.png")))  # seeded
+
+
+# ----------------------------------------------------------------------------- bad images (docs/RELIABILITY.md)
+def write_png(path, width, height, bit_depth=8, colour_type=0, rows=None):
+    """A PNG written by hand (Pillow cannot write 16-bit RGB, nor a header that lies about the size).
+    rows: the raw scanlines (without filter bytes); None writes a few garbage bytes of image data."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    body = zlib.compress(b"".join(b"\0" + r for r in rows)) if rows is not None else b"\x78\x9c\x03\x00"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth,
+                                                                           colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def half(path, source):
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def rgb_photo(w=32, h=20):
+    """Left half red, right half blue: orientation and colour are both visible."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, : w // 2, 0] = 220
+    a[:, w // 2:, 2] = 220
+    return Image.fromarray(a)
+
+
+def make_bad_image(case, d):
+    """-> (path, check) where check(tensor) asserts a good decode, or check is a string the error must hold."""
+    ok = d / "ok.jpg"
+    rgb_photo().save(ok, quality=95)
+    rgb_photo().save(d / "ok.png")
+    if case == "img-truncated-jpeg":
+        half(d / "t.jpg", ok)
+        return d / "t.jpg", "truncated"
+    if case == "img-truncated-png":
+        half(d / "t.png", d / "ok.png")
+        return d / "t.png", "t.png"
+    if case == "img-zero-bytes":
+        (d / "z.jpg").write_bytes(b"")
+        return d / "z.jpg", "UnidentifiedImageError"
+    if case == "img-text":
+        (d / "notes.png").write_text("not an image\n")
+        return d / "notes.png", "UnidentifiedImageError"
+    if case == "img-smaller-than-patch":
+        Image.new("RGB", (8, 8)).save(d / "s.png")
+        return d / "s.png", "smaller than one 16×16 patch"
+    if case == "img-bomb-header":
+        write_png(d / "bomb.png", 100_000, 100_000)
+        return d / "bomb.png", "DecompressionBomb"
+    if case == "img-over-max-pixels":
+        write_png(d / "big.png", 8000, 6000)  # 48 MP > MAX_PIXELS, below Pillow's own limit
+        return d / "big.png", "MAX_PIXELS"
+    if case == "img-non-utf8-name":
+        bad = d / os.fsdecode(b"caf\xe9.jpg")
+        half(bad, ok)
+        return bad, "caf\\xe9.jpg"
+    return make_good_image(case, d)
+
+
+def make_good_image(case, d):
+    p = d / "x.png"
+    if case == "img-grayscale":
+        Image.new("L", (20, 16), 100).save(p)
+        return p, lambda x: x.unique().tolist() == [100]
+    if case == "img-gray-alpha":
+        Image.new("LA", (20, 16), (100, 0)).save(p)
+        return p, lambda x: x.unique().tolist() == [100]
+    if case == "img-rgba":
+        Image.new("RGBA", (20, 16), (10, 20, 30, 0)).save(p)
+        return p, lambda x: x[:, 0, 0].tolist() == [10, 20, 30]
+    if case == "img-16bit-gray":
+        Image.fromarray(np.full((16, 20), 40_000, np.uint16)).save(p)
+        return p, lambda x: x.unique().tolist() == [40_000 >> 8]
+    if case == "img-16bit-rgb":
+        px = np.array([1000, 30_000, 65_535], ">u2")
+        write_png(p, 20, 16, bit_depth=16, colour_type=2, rows=[np.tile(px, 20).tobytes()] * 16)
+        return p, lambda x: x[:, 5, 5].tolist() == [1000 >> 8, 30_000 >> 8, 255]
+    if case in ("img-palette", "img-palette-transparency"):
+        im = Image.new("P", (20, 16), 1)
+        im.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+        im.save(p, **({"transparency": 1} if case == "img-palette-transparency" else {}))
+        return p, lambda x: x[:, 3, 3].tolist() == [200, 100, 50]
+    if case == "img-cmyk-jpeg":
+        Image.new("CMYK", (20, 16), (0, 255, 255, 0)).save(d / "c.jpg")
+        return d / "c.jpg", lambda x: (x[:, 8, 10].int() - torch.tensor([255, 0, 0])).abs().max() <= 8
+    if case == "img-large-jpeg":  # over MAX_PIXELS (lowered by the test): decoded at half size
+        rgb_photo(64, 48).save(d / "l.jpg", quality=95)
+        return d / "l.jpg", lambda x: x.shape == (3, 24, 32)
+    if case == "img-exif-rotated":  # orientation 6: shown turned 90° clockwise, so the red left half on top
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        rgb_photo().save(d / "r.jpg", exif=exif, quality=95)
+        return d / "r.jpg", lambda x: x.shape == (3, 32, 20) and x[0, 2, 10] > 150 > x[2, 2, 10]
+    raise KeyError(case)
+
+
+def test_bad_image(tmp_path, monkeypatch, reliability_case):
+    """Each image a user's folder may hold decodes correctly or fails with an OSError naming the file, and
+    check_images (what --skip-bad relies on) finds exactly the failures."""
+    case = reliability_case["id"]
+    if case == "img-large-jpeg":
+        monkeypatch.setattr(data, "MAX_PIXELS", 2000)  # 64 × 48 = 3072 pixels
+    path, check = make_bad_image(case, tmp_path)
+    if isinstance(check, str):
+        with pytest.raises(OSError) as err:
+            load_image(path)
+        message = str(err.value)
+        assert shown(path) in message and check in message and "\n" not in message, message
+        message.encode("utf-8")  # printable to a UTF-8 terminal or log, even for a non-UTF-8 name
+        assert [p for p, _ in check_images([path], workers=1)] == [str(path)]
+    else:
+        x = load_image(path)
+        assert x.dtype == torch.uint8 and x.shape[0] == 3 and check(x), x[:, :2, :2]
+        assert check_images([path], workers=1) == []
+
+
+# ----------------------------------------------------------------------------- folder layouts
+def good(path, size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 60, 30)).save(path)
+    return path
+
+
+def test_dataset_layout(tmp_path, reliability_case):
+    case, root = reliability_case["id"], tmp_path / "data"
+    if case == "ds-hidden-and-non-images":
+        keep = good(root / "a" / "img.png")
+        for hidden in (root / "a" / ".hidden.png", root / "a" / ".cache" / "x.png", root / ".git" / "y.png"):
+            good(hidden)
+        (root / "a" / "notes.txt").write_text("x")
+        (root / "a" / "Thumbs.db").write_bytes(b"\0")
+        (root / "a" / "x.jpg").mkdir()
+        os.mkfifo(root / "a" / "y.png")  # opening it would block forever
+        samples, names = scan_dataset(root)
+        assert names == ["a"] and [s.path for s in samples] == [str(keep)]
+    elif case == "ds-empty-class":
+        good(root / "a" / "1.png")
+        (root / "b").mkdir()
+        with pytest.raises(ValueError, match=f"{root / 'b'}: class folder has no images"):
+            scan_dataset(root)
+    elif case == "ds-no-classes":
+        root.mkdir()
+        good(root / "loose.png")
+        with pytest.raises(ValueError, match=f"{root}: no class sub-folders"):
+            scan_dataset(root)
+    elif case == "ds-single-image-class":
+        for i in range(5):
+            good(root / "a" / f"{i}.png")
+        good(root / "b" / "only.png")
+        train, val = stratified_split(scan_dataset(root)[0], val_fraction=0.5, seed=0)
+        assert [s.label for s in train].count(1) == 1 and [s.label for s in val].count(1) == 0
+        assert ImageDataset(train, image_size=16)[len(train) - 1][1] == 1
+    elif case == "ds-non-utf8-names":
+        name = os.fsdecode(b"caf\xe9.png")
+        p = good(root / "a" / name)
+        samples, _ = scan_dataset(root)
+        assert [s.path for s in samples] == [str(p)] and load_image(p).shape == (3, 16, 20)
+        assert shown(p).endswith("caf\\xe9.png") and shown(p).encode("utf-8")
+    elif case == "ds-unseen-test-class":
+        for c in "abc":
+            for i in (1, 2):
+                good(root / c / f"{i}.png")
+        with pytest.raises(ValueError, match="label 'c' is not one of the classes"):
+            scan_dataset(root, class_names=["a", "b"])
+        samples, unseen = scan_test_set(root, ["b", "a"])
+        assert [s.label for s in samples] == [1, 1, 0, 0] and unseen == {"c": 2}
+    elif case in ("ds-skip-bad", "ds-csv-not-utf8", "ds-csv-utf16"):
+        unreadable_or_csv(case, root, tmp_path)
+    else:
+        raise KeyError(case)
+
+
+def unreadable_or_csv(case, root, tmp_path):
+    if case == "ds-skip-bad":
+        files = [good(root / "a" / f"{i}.png") for i in range(3)]
+        (root / "a" / "9.png").write_bytes(b"")
+        half(root / "a" / "8.png", files[0])
+        samples, _ = scan_dataset(root)
+        bad = check_images(samples, workers=2)
+        assert sorted(p for p, _ in bad) == [str(root / "a" / "8.png"), str(root / "a" / "9.png")]
+        assert [s.path for s in skip_unreadable(samples, bad)] == [str(f) for f in files]
+        lines = describe_unreadable(bad)
+        assert len(lines) == 2 and all(line.startswith(f"skipped {root}") for line in lines)
+    elif case in ("ds-csv-not-utf8", "ds-csv-utf16"):
+        p = good(root / "a" / "1.png")
+        csv_path = tmp_path / "m.csv"
+        csv_path.write_bytes(f"path,label\n{p},café\n".encode("latin-1" if case == "ds-csv-not-utf8" else "utf-16"))
+        with pytest.raises(ValueError, match=f"{csv_path}: not UTF-8 text \\(byte \\d+\\)"):
+            scan_dataset(csv_path)

@@ -14,8 +14,6 @@ from nanopeft.load import load_dinov3
 from nanopeft.inject import adapter_layers, add_adapters
 from nanopeft.save import load_adapter, save_adapter
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 R, ALPHA = 4, 8
 REQUIRED = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "bias",
             "fan_in_fan_out", "modules_to_save", "init_lora_weights", "task_type")
@@ -35,9 +33,10 @@ def trained(ckpt, method, targets, nf4=False, rslora=False, seed=0):
 
 
 def peft_from_pretrained(ckpt, adapter_dir, nf4=False):
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")  # skip this test only
     kw = dict(quantization_config=bnb_config(), device_map="cpu") if nf4 else {}
     hf = transformers.DINOv3ViTModel.from_pretrained(ckpt, **kw)
-    for m in hf.modules():  # peft_nf4.md §4.8
+    for m in hf.modules():  # docs/NF4.md ("bitsandbytes CPU traps")
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     with warnings.catch_warnings(record=True) as caught:
@@ -195,3 +194,87 @@ def test_writes_atomically_and_never_over_a_different_adapter(tiny_ckpt, tmp_pat
     monkeypatch.undo()
     save_adapter(trained(ckpt, "dora", "q_proj"), tmp_path, overwrite=True)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+
+
+# ------------------------------------------------------------------ damaged and crafted files (docs/RELIABILITY.md)
+class CallsMkdir:
+    """A pickle payload: unpickling it calls os.mkdir(marker). No adapter loading path may unpickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (self.marker,)
+
+
+Q = "base_model.model.model.layer.0.attention.q_proj."
+
+
+def damage_adapter(case, d, marker):
+    """Damage the adapter directory d as `case` says -> (file the error names, strings it must hold)."""
+    import pickle
+
+    w, c = d / "adapter_model.safetensors", d / "adapter_config.json"
+    edits = {"ad-unexpected-key": (lambda sd: sd.__setitem__(Q.replace("q_proj", "k_proj") + "lora_A.weight",
+                                                            torch.zeros(R, 64)), "k_proj.lora_A"),
+             "ad-missing-key": (lambda sd: sd.pop(Q + "lora_B.weight"), "layer.0.attention.q_proj.lora_B"),
+             "ad-wrong-shape": (lambda sd: sd.__setitem__(Q + "lora_A.weight", torch.zeros(R, 32)), "q_proj.lora_A"),
+             "ad-wrong-dtype": (lambda sd: sd.__setitem__(Q + "lora_A.weight", torch.zeros(R, 64, dtype=torch.int64)),
+                                "torch.int64"),
+             "ad-head-wrong-dtype": (lambda sd: sd.__setitem__("base_model.model.classifier.weight",
+                                                               torch.zeros(3, 64, dtype=torch.int64)), "weight"),
+             "ad-nan": (lambda sd: sd[Q + "lora_B.weight"].__setitem__((0, 0), float("nan")), "q_proj.lora_B")}
+    if case in edits:
+        fn, key = edits[case]
+        _edit(d, fn)
+        return w, [key]
+    if case == "ad-pickle-bin":
+        w.unlink()
+        (d / "adapter_model.bin").write_bytes(pickle.dumps({Q + "lora_A.weight": CallsMkdir(marker)}))
+        return d / "adapter_model.bin", ["pickle"]
+    if case == "ad-pickle-as-safetensors":
+        w.write_bytes(pickle.dumps({Q + "lora_A.weight": CallsMkdir(marker)}))
+        return w, []
+    if case == "ad-truncated":
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+        return w, []
+    text = c.read_text()
+    if case == "ad-config-not-json":
+        c.write_text(text[:-3])
+        return c, []
+    if case == "ad-config-duplicate-key":
+        c.write_text('{"r": 64, ' + text.lstrip()[1:])
+        return c, ["'r'"]
+    raise KeyError(case)
+
+
+def test_damaged_adapter(own_tiny_ckpt, tmp_path, reliability_case):
+    """An adapter directory from elsewhere is refused with the file and key named, and no path unpickles."""
+    from nanopeft.checkpoint import CheckpointError
+
+    case, ckpt = reliability_case["id"], own_tiny_ckpt()
+    model = load_dinov3(ckpt)
+    add_adapters(model, method="lora", rank=R, alpha=ALPHA, targets="q_proj")
+    head = nn.Linear(64, 3)
+    save_adapter(model, tmp_path / "a", head=head if case == "ad-head-wrong-dtype" else None)
+    if case == "ad-config-bad-field":
+        cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+        for field, value in [("r", "4"), ("lora_alpha", -1), ("target_modules", 3), ("use_dora", "yes")]:
+            (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
+            with pytest.raises(CheckpointError, match=f"adapter_config.json: invalid {field}="):
+                load_adapter(load_dinov3(ckpt), tmp_path / "a")
+        return
+    named, strings = damage_adapter(case, tmp_path / "a", tmp_path / "pwned")
+    with pytest.raises(CheckpointError) as err:
+        load_adapter(load_dinov3(ckpt), tmp_path / "a", head=nn.Linear(64, 3) if case == "ad-head-wrong-dtype" else None)
+    message = str(err.value)
+    assert str(named) in message and all(s in message for s in strings) and "\n" not in message, message
+    assert not (tmp_path / "pwned").exists()  # no payload ever ran
+
+
+def test_no_pickle_path():
+    """save.py has no way to unpickle: no torch.load, pickle or numpy allow_pickle anywhere in it."""
+    import inspect
+    source = inspect.getsource(save_mod)
+    assert not any(word in source for word in ("torch.load", "import pickle", "allow_pickle", "weights_only=False"))
