@@ -1,18 +1,23 @@
-"""nanopeft/dora.py against HF PEFT's DoRA on single layers (peft_nf4.md §2, §8)."""
+"""nanopeft/dora.py against HF PEFT's DoRA on single layers (docs/DORA.md "DoRA (Eq. 5)",
+"Dropout semantics"), and the fast forward against the textbook one.
+
+Tests that need PEFT or bitsandbytes skip one by one when they are missing (the helpers in conftest.py).
+"""
 
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
-from test_lora import (ALPHA, IN, OUT, R, assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4,
-                       make_linear, peft_layer)
+from conftest import ADAPTER_ALPHA as ALPHA
+from conftest import ADAPTER_IN as IN
+from conftest import ADAPTER_OUT as OUT
+from conftest import ADAPTER_R as R
+from conftest import assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4, make_linear, peft_layer
 
 from nanopeft.dora import DoRALinear
 from nanopeft.lora import base_weight
 from nanopeft.nf4 import NF4Linear
-
-peft = pytest.importorskip("peft")
 
 
 def twin(base, dropout=0.0, rslora=False, ours_base=None):
@@ -148,7 +153,7 @@ def test_nf4_base_equals_peft_on_bitsandbytes(dropout):
     base = make_linear()
     q = make_bnb4(base)
     pm, layer = peft_layer(q, dora=True, dropout=dropout)
-    pm.train()  # bnb's eval path on CPU repacks the weight (peft_nf4.md §4.8)
+    pm.train()  # bnb's eval path on CPU repacks the weight (docs/NF4.md "bitsandbytes CPU traps")
     # m was initialised from the dequantized NF4 weight, on both sides
     ours = DoRALinear(NF4Linear.from_linear(base), R, ALPHA, dropout)
     copy_from_peft(ours, layer)
@@ -210,3 +215,63 @@ def test_nf4_weight_is_dequantized_no_more_often_than_for_lora(monkeypatch):
             layer(x).square().sum().backward()
             counts[cls.__name__, dropout] = len(calls)
     assert set(counts.values()) == {2}, counts
+
+
+# ---- the fast forward equals the textbook one; the "lora" dropout mode ------------------------------------
+
+def perturbed(do):
+    with torch.no_grad():  # B != 0 and m != ‖W0 + sBA‖: every term of the forward matters
+        do.lora_B.weight.normal_(0, 0.1)
+        do.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(do.out_features))
+    return do
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4", "nobias"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["peft", "lora"])
+@pytest.mark.parametrize("sampler", ["torch", "bits"])
+def test_fast_forward_equals_textbook_eq5(kind, dropout, mode, sampler):
+    """forward_fast (row-append + cached ‖W0‖²) == forward_textbook (dense W0 + s·BA): outputs and grads."""
+    base = make_linear(bias=kind != "nobias")
+    if kind == "nf4":
+        base = NF4Linear.from_linear(base)
+    fast = perturbed(DoRALinear(base, R, ALPHA, dropout, dropout_sampler=sampler, dora_dropout=mode))
+    slow = copy.deepcopy(fast)
+    slow.fast = False
+    x = torch.randn(3, 7, IN, requires_grad=True)
+    mine = [fast.lora_A.weight, fast.lora_B.weight, fast.lora_magnitude_vector]
+    theirs = [slow.lora_A.weight, slow.lora_B.weight, slow.lora_magnitude_vector]
+    assert_outputs_and_grads_equal(slow, fast, x, theirs, mine, atol=2e-6)
+
+
+def test_lora_dropout_mode_is_eq5_with_dropout_on_the_low_rank_path_only():
+    base = make_linear()
+    do = perturbed(DoRALinear(copy.deepcopy(base), R, ALPHA, 0.5, dora_dropout="lora")).train()
+    x = torch.randn(5, IN)
+    torch.manual_seed(0)
+    y = do(x)
+    torch.manual_seed(0)
+    xd = nn.functional.dropout(x, 0.5, True)
+    W, b, A, B, s = base.weight, base.bias, do.lora_A.weight, do.lora_B.weight, do.scaling
+    g = do.lora_magnitude_vector / torch.linalg.norm(W + s * B @ A, dim=1)
+    assert torch.allclose(y, g * (x @ W.T + s * (xd @ A.T @ B.T)) + b, atol=1e-5, rtol=0)
+    peft_mode = copy.deepcopy(do)
+    peft_mode.dora_dropout = "peft"
+    torch.manual_seed(0)
+    assert not torch.allclose(peft_mode(x), y, atol=1e-3)  # the modes really differ in training ...
+    do.eval(), peft_mode.eval()
+    assert torch.equal(do(x), peft_mode(x))  # ... and not in eval
+    with pytest.raises(ValueError, match="dora_dropout"):
+        DoRALinear(make_linear(), R, ALPHA, 0.1, dora_dropout="none")
+
+
+def test_lora_dropout_mode_multiplies_with_w0_once(monkeypatch):
+    """One frozen pass ([x; A] W0ᵀ) in "lora" mode, two row blocks of x in "peft" mode."""
+    import nanopeft.dora as dora
+
+    rows, frozen = [], dora.frozen_matmul
+    monkeypatch.setattr(dora, "frozen_matmul", lambda base, t: rows.append(t.shape[0]) or frozen(base, t))
+    x = torch.randn(10, IN)
+    for mode in ("lora", "peft"):
+        DoRALinear(make_linear(), R, ALPHA, 0.1, dora_dropout=mode).train()(x)
+    assert rows == [R, 10 + R, R, 10 + 10 + R]  # (init's A W0ᵀ, then the forward) per mode
