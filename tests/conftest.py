@@ -131,3 +131,7 @@ def assert_outputs_and_grads_equal(ref, ours, x, theirs, mine, atol=1e-6):
         g = torch.autograd.grad(y.square().sum(), [x] + mine)
         for a, b in zip(g, g_ref):
             assert close(a, b), (a - b).abs().max()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); bench/gpu.py runs them")

@@ -275,3 +275,66 @@ def test_lora_dropout_mode_multiplies_with_w0_once(monkeypatch):
     for mode in ("lora", "peft"):
         DoRALinear(make_linear(), R, ALPHA, 0.1, dora_dropout=mode).train()(x)
     assert rows == [R, 10 + R, R, 10 + 10 + R]  # (init's A W0ᵀ, then the forward) per mode
+
+
+# ---- on a CUDA GPU (pytest -m cuda; bench/gpu.py runs these) -------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def adapter_on(device, cls, dropout=0.0):
+    from nanopeft.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = {"lora": LoRALinear, "dora": DoRALinear}[cls](NF4Linear.from_linear(make_linear()), R, ALPHA, dropout)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    return layer.to(device)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("cls", ["lora", "dora"])
+def test_cuda_adapter_on_nf4_equals_cpu(cls):
+    cpu, gpu = adapter_on("cpu", cls), adapter_on("cuda", cls)
+    x = torch.randn(3, 7, IN, requires_grad=True)
+    xg = x.detach().cuda().requires_grad_()
+    y, yg = cpu(x), gpu(xg)
+    assert torch.allclose(yg.cpu(), y, atol=1e-5, rtol=1e-5)
+    g = torch.autograd.grad(y.square().sum(), [x, cpu.lora_A.weight, cpu.lora_B.weight])
+    gg = torch.autograd.grad(yg.square().sum(), [xg, gpu.lora_A.weight, gpu.lora_B.weight])
+    for a, b in zip(gg, g):
+        assert close(a.cpu(), b, tol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("cls", ["lora", "dora"])
+def test_cuda_bf16_autocast_is_close_to_fp32_and_keeps_fp32_adapters(cls):
+    layer = adapter_on("cuda", cls, dropout=0.0)
+    x = torch.randn(4, 9, IN, device="cuda")
+    y32 = layer(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y16 = layer(x)
+    assert y16.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    assert (y16.float() - y32).abs().max() <= 2e-2 * y32.abs().max()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("cls", ["lora", "dora"])
+def test_cuda_fp16_gradscaler_step_moves_only_the_adapter(cls):
+    layer = adapter_on("cuda", cls, dropout=0.1).train()
+    frozen = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    params = [p for p in layer.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt, scaler = torch.optim.AdamW(params, lr=1e-2), torch.amp.GradScaler("cuda")
+    x = torch.randn(8, IN, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = layer(x).float().square().mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.isfinite(loss) and scaler.get_scale() > 0
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(frozen[k], v) for k, v in layer.base_layer.state_dict().items())
