@@ -45,7 +45,7 @@ def measure(a) -> dict:
 
     folder = checkpoint_folder(a.preset)
     dtype = DTYPES[a.dtype]
-    r0 = rss_gb()
+    r0 = rss_gb()  # after importing nanopeft (the package imports every stage): the runtime
     model = build_nanopeft(folder, "lora", a.rank, 2 * a.rank, 0.05, "all-linear", dtype, True, adapters=False)
     r1 = rss_gb()
     from nanopeft import add_adapters
