@@ -151,12 +151,16 @@ def run_child(script: Path, args: list[str], timeout: float = 3600) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def timed(fn, n: int) -> list[float]:
+def timed(fn, n: int, cpu: list | None = None) -> list[float]:
+    """Wall seconds of n calls of fn; with `cpu` given, also appends each call's process CPU seconds
+    (on a shared machine, what the call itself computed: other processes only inflate the wall time)."""
     out = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     return out
