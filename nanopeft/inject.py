@@ -127,7 +127,8 @@ def merge_adapters(model: nn.Module, requantize: bool = False, dtype=None) -> in
     (merged output == unmerged output), or NF4Linear again with requantize=True (4× smaller, but the
     merged weight is re-rounded to NF4, so outputs move by about one quantization step).
     dtype: the merged layers' dtype (default the base's; lora.inference_dtype(device) picks bf16 where
-    the hardware multiplies it natively). Returns the number of layers merged.
+    the hardware multiplies it natively); run the model under autocast in that dtype, or cast the rest
+    of it too, since a bf16 Linear refuses fp32 input. Returns the number of layers merged.
     """
     layers = adapter_layers(model)
     for name, w in layers:
