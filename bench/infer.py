@@ -7,7 +7,8 @@
 
 Eval mode, torch.inference_mode(), 224 px, r16 all-linear, B ≠ 0 (a trained-looking adapter); each
 (variant, batch) in a fresh process; images/s = batch / median forward time over --iters calls after
-one warm-up. --dtype bf16 loads every weight in bf16 and runs under bf16 autocast, on both sides.
+one warm-up; also images per process-CPU second (with --threads 1 on a shared machine: the work done,
+without the waits for a core; --cpu-time prints that instead). --dtype bf16 loads every weight in bf16 and runs under bf16 autocast, on both sides.
 Results and commands: docs/BENCHMARKS.md ("Whole step and inference").
 
     python bench/infer.py --method lora,dora --batch 1,32 --dtype fp32
@@ -65,8 +66,10 @@ def child(a) -> dict:
             model(x)
 
     forward()
-    t = statistics.median(timed(forward, a.iters))
-    return {"images_per_s": a.batch / t, "s_per_batch": t}
+    cpu = []
+    t = statistics.median(timed(forward, a.iters, cpu))
+    c = statistics.median(cpu)
+    return {"images_per_s": a.batch / t, "s_per_batch": t, "images_per_cpu_s": a.batch / c}
 
 
 def main(argv=None):
@@ -79,6 +82,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--cpu-time", action="store_true", help="print images per CPU second (use with --threads 1)")
     p.add_argument("--json", type=Path)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -101,7 +105,8 @@ def main(argv=None):
                                                    f"--image-size={a.image_size}", f"--threads={a.threads}"])
                     if "error" in r:
                         print(f"  {v}: {r['error']}", file=sys.stderr)
-                    row[v] = r.get("images_per_s", float("nan"))
+                    row[v] = r.get("images_per_cpu_s" if a.cpu_time else "images_per_s", float("nan"))
+                    row[v + " (wall)"] = r.get("images_per_s", float("nan"))
                 ours = row.get("nanopeft-merged", float("nan"))
                 row["merged_vs_ref_merged"] = ours / row.get("reference-merged", float("nan"))
                 row["merged_vs_ref_unmerged"] = ours / row.get("reference-unmerged", float("nan"))
