@@ -11,7 +11,7 @@
             that persist across steps, like NF4's reused dequantize buffer, are not counted: they are
             paid once per process, not per layer), in a second process run with
             MALLOC_MMAP_THRESHOLD_=131072 so that glibc hands freed blocks back at once and RSS tracks
-            live tensors (peft_nf4.md §7.2); the peak is reset with /proc/self/clear_refs.
+            live tensors (glibc mallopt(3), M_MMAP_THRESHOLD); the peak is reset with /proc/self/clear_refs.
             CUDA: max_memory_allocated minus memory_allocated, same window.
 
 Every row runs in its own subprocess (a clean heap, one library's state). PEFT rows wrap torch's

@@ -8,28 +8,21 @@ DoRA splits each weight into a magnitude and a direction, and lets LoRA move onl
 torch's (out, in) layout, so m and the norm n are (out,) vectors. m starts at ‖W0‖_c (Eq. 2); with
 B = 0 that makes W' = W0 at step 0. Following §4.3 the norm n is a constant in backward
 ("we suggest treating ‖V + ΔV‖_c in Eq. (5) as a constant"), so no gradient flows through it.
-With g = m / sg(n) the layer computes
+With g = m / sg(n) the layer computes, by dropout mode (docs/DORA.md "Dropout semantics"):
 
-    y = g ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b                                  (no dropout, or eval)
-    y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s · (x̃ Aᵀ Bᵀ),  x̃ = dropout(x)   (training, p > 0)
+    y = g ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b                                  (no dropout, or eval: Eq. 5)
+    y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s · (x̃ Aᵀ Bᵀ),  x̃ = dropout(x)   ("peft", training)
+    y = g ⊙ (x W0ᵀ + s · x̃ Aᵀ Bᵀ) + b                                 ("lora", training)
 
-The second line is PEFT's dropout semantics: the frozen path sees x, the rescaling and the LoRA term
-see x̃; with p = 0 it collapses to the first line, Eq. 5.
+"peft" is PEFT's semantics (the study's; the default): the frozen path sees x, the rescaling and
+the LoRA term see x̃, which costs a second product with W0. "lora" drops out only the low-rank
+path's input, as LoRA does: one product with W0, a LoRA-priced step. With p = 0 both are Eq. 5.
 
-The norm without forming W0 + s·BA. PEFT builds that dense (out, in) matrix every step (plus an
-identity matrix to get BA): that is most of why its DoRA trains 2-2.5× slower than LoRA. Expanded,
-
-    ‖W0_i + s(BA)_i‖² = ‖W0_i‖² + 2s·⟨(W0 Aᵀ)_i, B_i⟩ + s²·⟨B_i (A Aᵀ), B_i⟩
-
-needs ‖W0_i‖² (cached: W0 is frozen), A Aᵀ (r, r) and W0 Aᵀ (out, r). W0 Aᵀ is the one product
-with W0, and it rides along with the base matmul: the r rows of A are appended to the batch,
-
-    [x; x̃; A] W0ᵀ = [x W0ᵀ; x̃ W0ᵀ; A W0ᵀ]        (x̃ rows only with active dropout)
-
-so W0 is read (for NF4: dequantized) once per step for everything, exactly as for LoRA. For an NF4
-base, W0 is the dequantized weight the base forward multiplies with. In a bf16 compute dtype A W0ᵀ is
-a bf16 product; it only enters the cross term, which moves n by ~1e-5 relative, far below the bf16
-rounding of the output.
+Two implementations of the same numbers:
+  forward_textbook  Eq. 5 as written: the dense W0 + s·BA and its row norms, every call (what
+                    PEFT does). Read this one first; tests prove the fast one equal to it.
+  forward_fast      the row-append trick and a cached ‖W0‖² (below, fenced): W0 is read (for NF4:
+                    dequantized) once per step, exactly as for LoRA. DoRALinear.forward runs it.
 """
 
 from __future__ import annotations
@@ -39,7 +32,28 @@ import weakref
 import torch
 import torch.nn as nn
 
-from .lora import base_device, base_weight, frozen_matmul, plain_like, wrap_base
+from .lora import (AdapterBase, base_device, base_weight, dropout_active, frozen_matmul, merged_layer,
+                   output_dtype)
+
+DORA_DROPOUT_MODES = ("peft", "lora")  # docs/DORA.md ("Dropout semantics")
+
+
+# ---- fast path: the norm without forming W0 + s·BA (docs/DORA.md "The column norm without
+# materialising W") ------------------------------------------------------------------------------------
+#
+# PEFT builds the dense (out, in) matrix W0 + s·BA every step (plus an identity matrix to get BA).
+# Expanded row by row,
+#
+#     ‖W0_i + s(BA)_i‖² = ‖W0_i‖² + 2s·⟨(W0 Aᵀ)_i, B_i⟩ + s²·⟨B_i (A Aᵀ), B_i⟩
+#
+# needs ‖W0_i‖² (cached: W0 is frozen), A Aᵀ (r, r) and W0 Aᵀ (out, r). W0 Aᵀ is the one product with
+# W0, and it rides along with the base matmul: the r rows of A are appended to the batch,
+#
+#     [x; x̃; A] W0ᵀ = [x W0ᵀ; x̃ W0ᵀ; A W0ᵀ]        (x̃ rows only in "peft" mode with active dropout)
+#
+# For an NF4 base, W0 is the dequantized weight the base forward multiplies with. In a bf16 compute
+# dtype A W0ᵀ is a bf16 product; it only enters the cross term, which moves n by ~1e-5 relative, far
+# below the bf16 rounding of the output.
 
 # A row whose squared norm is below this fraction of ‖W0_i‖² + s²‖(BA)_i‖² has lost most of its
 # digits to cancellation in the expanded sum (s·BA pointing against W0): recompute it densely.
@@ -65,13 +79,16 @@ def _same_state(a, b) -> bool:
         all(ra() is not None and ra() is rb() and va == vb for (ra, va), (rb, vb) in zip(a, b))
 
 
-class DoRALinear(nn.Module):
+class DoRALinear(AdapterBase):
     """y = g ⊙ (x W0ᵀ + s·x AᵀBᵀ) + b with g = m / sg(‖W0 + s·BA‖_row), wrapping a frozen linear layer."""
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False):  # the defaults are PEFT's LoraConfig defaults
-        super().__init__()
-        wrap_base(self, base, rank, alpha, dropout, use_rslora)  # base_layer, scaling, lora_dropout, lora_A/B
+                 use_rslora: bool = False, dropout_sampler: str = "torch", dora_dropout: str = "peft"):
+        super().__init__(base, rank, alpha, dropout, use_rslora, dropout_sampler)  # PEFT's defaults
+        if dora_dropout not in DORA_DROPOUT_MODES:
+            raise ValueError(f"dora_dropout must be one of {DORA_DROPOUT_MODES}, got {dora_dropout!r}")
+        self.dora_dropout = dora_dropout
+        self.fast = True  # forward runs forward_fast; False runs forward_textbook (same numbers, slower)
         # m (out,), fp32. PEFT's file key is `<path>.lora_magnitude_vector` (no `.weight`): so is ours.
         self.lora_magnitude_vector = nn.Parameter(
             torch.empty(base.out_features, device=base_device(base), dtype=torch.float32))
@@ -90,6 +107,36 @@ class DoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(n, requires_grad=m.requires_grad)
         else:          # in place: an optimizer holding m keeps working
             m.copy_(n)
+
+    def _check_magnitude(self) -> None:
+        if self.lora_magnitude_vector.is_meta:
+            raise RuntimeError("DoRALinear: the magnitude vector m is still on the meta device (the model was "
+                               "built on meta); call nanopeft.inject.init_dora_magnitudes(model) once the base "
+                               "weights are loaded")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_fast(x) if self.fast else self.forward_textbook(x)
+
+    # ---- the simple version: Eq. 5 as written ----------------------------------------------------------
+
+    def forward_textbook(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 5 with the dense W0 + s·BA, all in fp32 (a reference: it materialises (out, in) twice)."""
+        self._check_magnitude()
+        A, B, s, m = self.lora_A.weight, self.lora_B.weight, self.scaling, self.lora_magnitude_vector
+        W0 = base_weight(self.base_layer)                       # (out, in) fp32, dense
+        V = W0 + s * (B @ A)                                    # W0 + s·BA (out, in); grads reach A, B
+        g = m / torch.linalg.vector_norm(V, dim=1).detach()     # m / sg(‖V‖_c)  (Eq. 5, §4.3)
+        b = self.base_layer.bias
+        b = torch.zeros((), device=x.device) if b is None else b.float()
+        xf = x.float()                                          # (..., in): the adapters compute in fp32
+        xd = self.lora_dropout(xf)                              # x̃ (x itself in eval or at p = 0)
+        if dropout_active(self.lora_dropout) and self.dora_dropout == "peft":
+            y = xf @ W0.T + b + (g - 1) * (xd @ W0.T) + g * (s * (xd @ A.T @ B.T))  # (..., out)
+        else:  # Eq. 5; in "lora" mode only the low-rank path sees x̃
+            y = g * (xf @ W0.T + s * (xd @ A.T @ B.T)) + b
+        return y.to(output_dtype(self.base_layer, x))          # the dtype the base layer outputs
+
+    # ---- the fast version: the row-append trick (see the fenced notes above) ---------------------------
 
     def __getstate__(self):  # pickling (torch.save of the module): weak references do not pickle
         return {**self.__dict__, "_w0_sq": (None, None)}
@@ -119,40 +166,40 @@ class DoRALinear(nn.Module):
         with torch.no_grad():
             return self._norm(frozen_matmul(self.base_layer, self.lora_A.weight))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_magnitude()
         m, A = self.lora_magnitude_vector, self.lora_A.weight
-        if m.is_meta:
-            raise RuntimeError("DoRALinear: the magnitude vector m is still on the meta device (the model was "
-                               "built on meta); call nanopeft.inject.init_dora_magnitudes(model) once the base "
-                               "weights are loaded")
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)                     # (N, in)
         N = x.shape[0]
-        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        dropout = dropout_active(self.lora_dropout)
+        two_pass = dropout and self.dora_dropout == "peft"      # x̃ W0ᵀ needed besides x W0ᵀ
         xd = self.lora_dropout(x.to(A.dtype))  # x̃ (fp32, like the adapters); x itself in eval or at p = 0
-        rows = [x, xd, A.detach()] if dropout else [x, A.detach()]
+        rows = [x, xd, A.detach()] if two_pass else [x, A.detach()]
         P = frozen_matmul(self.base_layer, torch.cat([t.to(x.dtype) for t in rows]))  # [x; (x̃;) A] W0ᵀ
         # one split, not slices: each slice's backward would write its gradient into a zeroed P-sized tensor
-        xW, *xdW, AW = P.split([N, N, self.rank] if dropout else [N, self.rank])  # (N, out) ... (r, out)
+        xW, *xdW, AW = P.split([N, N, self.rank] if two_pass else [N, self.rank])  # (N, out) ... (r, out)
         g = m / self._norm(AW)                                  # (out,): m / sg(n), DoRA §4.3
-        base = xdW[0] if dropout else xW                        # x̃ W0ᵀ
-        z = torch.add(base, self.lora_B(self.lora_A(xd)), alpha=self.scaling)  # (N, out) = x̃(W0 + s·BA)ᵀ, fp32
+        base = xdW[0] if two_pass else xW                       # x̃ W0ᵀ ("peft"), x W0ᵀ otherwise
+        z = torch.add(base, self.lora_B(self.lora_A(xd)), alpha=self.scaling)  # (N, out), fp32
         b = self.base_layer.bias
         b = torch.zeros((), device=z.device) if b is None else b.to(z.dtype)
-        if dropout:   # x W0ᵀ + b − x̃ W0ᵀ + g ⊙ z̃  =  y0 + (g − 1) ⊙ x̃W0ᵀ + g ⊙ s·x̃AᵀBᵀ
+        if two_pass:  # x W0ᵀ + b − x̃ W0ᵀ + g ⊙ z̃  =  y0 + (g − 1) ⊙ x̃W0ᵀ + g ⊙ s·x̃AᵀBᵀ
             y = torch.addcmul((xW + b) - base, g, z)
-        else:         # b + g ⊙ (x W0ᵀ + s·x AᵀBᵀ)  (Eq. 5); autograd keeps z alone, for m's gradient
+        else:         # b + g ⊙ (x W0ᵀ + s·x̃ AᵀBᵀ)  (Eq. 5); autograd keeps z alone, for m's gradient
             y = torch.addcmul(b, g, z)
         return y.to(P.dtype).view(*lead, self.out_features)    # back to the base layer's dtype
 
+    # ---- merging ---------------------------------------------------------------------------------------
+
     @torch.no_grad()
-    def merged(self, requantize: bool = False) -> nn.Module:
+    def merged(self, requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
         """The plain layer with W' = m · (W0 + s·BA) / ‖W0 + s·BA‖_row (Eq. 5), same output as forward."""
         BA = self.lora_B.weight.float() @ self.lora_A.weight.float()          # (out, in)
         V = base_weight(self.base_layer, torch.float32) + self.scaling * BA    # W0 + s·BA, a new tensor
         n = torch.linalg.vector_norm(V, dim=1)                                 # ‖V‖_c (out,): V is dense here
         g = self.lora_magnitude_vector.float() / n
-        return plain_like(self.base_layer, V * g[:, None], requantize)        # m · V / ‖V‖_c
+        return merged_layer(self.base_layer, V * g[:, None], requantize, dtype)  # m · V / ‖V‖_c
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+        return super().extra_repr() + f", dora_dropout={self.dora_dropout!r}"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .config import ADAPTER_METHODS
-from .dora import DoRALinear
+from .dora import DORA_DROPOUT_MODES, DoRALinear
 from .lora import LoRALinear, base_device, check_adapter_args, init_lora_pair, is_linear
 from .model import in_block
 
@@ -70,8 +70,13 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
 
 
 def add_adapters(model: nn.Module, *, method: str = "lora", rank: int, alpha: float, dropout: float = 0.0,
-                 targets, use_rslora: bool = False) -> int:
+                 targets, use_rslora: bool = False, dora_dropout: str = "peft",
+                 dropout_sampler: str = "torch") -> int:
     """Wrap the target Linears in LoRA or DoRA adapters (in place), freeze everything else.
+
+    dora_dropout: "peft" (PEFT's semantics, the default) or "lora" (dropout on the low-rank path only,
+    one frozen pass); see nanopeft/dora.py. dropout_sampler: "torch" (nn.Dropout: PEFT's masks under
+    the same seed) or "bits" (the same Bernoulli law, drawn faster; nanopeft/lora.py BitsDropout).
 
     Returns the number of trainable parameters, i.e. of the adapters: r·(in + out) per layer, plus
     `out` per layer for DoRA's magnitude (ViT-7B q_proj r=8: 2,621,440 LoRA, 2,785,280 DoRA).
@@ -79,6 +84,8 @@ def add_adapters(model: nn.Module, *, method: str = "lora", rank: int, alpha: fl
     if method not in ADAPTERS:
         raise ValueError(f"method must be one of {sorted(ADAPTERS)}, got {method!r}")
     check_adapter_args(rank, alpha, dropout)
+    if dora_dropout not in DORA_DROPOUT_MODES:
+        raise ValueError(f"dora_dropout must be one of {DORA_DROPOUT_MODES}, got {dora_dropout!r}")
     existing = adapter_layers(model)
     if existing:
         raise ValueError(f"the model already has adapters ({existing[0][0]!r} and {len(existing) - 1} more); "
@@ -87,7 +94,8 @@ def add_adapters(model: nn.Module, *, method: str = "lora", rank: int, alpha: fl
     model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        wrapper = ADAPTERS[method](base, rank, alpha, dropout, use_rslora)
+        extra = {"dora_dropout": dora_dropout} if method == "dora" else {}
+        wrapper = ADAPTERS[method](base, rank, alpha, dropout, use_rslora, dropout_sampler, **extra)
         model.set_submodule(name, wrapper.train(base.training))  # an eval model stays in eval (dropout off)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -111,17 +119,19 @@ def init_dora_magnitudes(model: nn.Module) -> int:
     return count
 
 
-def merge_adapters(model: nn.Module, requantize: bool = False) -> int:
+def merge_adapters(model: nn.Module, requantize: bool = False, dtype=None) -> int:
     """Fold every adapter into its base and put a plain layer in the wrapper's place (in place).
 
     nn.Linear base: an nn.Linear in the base dtype. NF4 base: an nn.Linear in the compute dtype
     (merged output == unmerged output), or NF4Linear again with requantize=True (4× smaller, but the
     merged weight is re-rounded to NF4, so outputs move by about one quantization step).
-    Returns the number of layers merged.
+    dtype: the merged layers' dtype (default the base's; lora.inference_dtype(device) picks bf16 where
+    the hardware multiplies it natively); run the model under autocast in that dtype, or cast the rest
+    of it too, since a bf16 Linear refuses fp32 input. Returns the number of layers merged.
     """
     layers = adapter_layers(model)
     for name, w in layers:
         if w.lora_A.weight.is_meta or getattr(w, "lora_magnitude_vector", w.lora_A.weight).is_meta:
             raise RuntimeError(f"{name}: adapter tensors are on the meta device; nothing to merge")
-        model.set_submodule(name, w.merged(requantize).train(w.training))
+        model.set_submodule(name, w.merged(requantize, dtype).train(w.training))
     return len(layers)

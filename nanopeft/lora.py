@@ -14,7 +14,8 @@ The sum is cast back to the base output's dtype, as PEFT does.
 
 Attribute names are PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), so the state-dict key
 `layer.0.attention.q_proj.lora_A.weight` is the PEFT file key minus its `base_model.model.model.` prefix.
-This file also holds the helpers DoRA shares: the dense view of a frozen base and merging into it.
+This file also holds what DoRA shares: AdapterBase (the state both adapters hold), the dense view of a
+frozen base, the dropout samplers, and merging. docs/DORA.md ("LoRA", "Dropout semantics", "Merging").
 """
 
 from __future__ import annotations
@@ -82,8 +83,83 @@ def init_lora_pair(lora_A: nn.Linear, lora_B: nn.Linear) -> None:
     nn.init.zeros_(lora_B.weight)
 
 
-def make_dropout(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+# ---- dropout: torch's sampler (PEFT's masks, seed for seed), and a faster exact one ----------------
+
+class BitsDropout(nn.Module):
+    """Dropout(p) whose Bernoulli mask comes from raw random bits instead of fp32 `bernoulli_`.
+
+    keep_i = (u_i < t),  u_i uniform on the 2³² int32 values,  t = −2³¹ + round((1 − p)·2³²)
+    so P(keep) = round((1 − p)·2³²) / 2³², within 2⁻³³ of 1 − p: exact at the sampler's resolution,
+    finer than the 2⁻²⁴ grid of an fp32 uniform. Kept entries are scaled by 1/(1 − p), as nn.Dropout
+    does, so E[dropout(x)] = x. The bits are drawn 64 at a time (`random_` over the full int64 range,
+    two int32 lanes each) from torch's global generator, so `torch.manual_seed` and gradient
+    checkpointing's RNG replay work as for nn.Dropout; the mask *stream* differs from bernoulli_'s,
+    so the masks differ seed for seed (same distribution). Faster because it draws 4 bytes of random
+    bits per entry and compares integers, where bernoulli_ converts each draw to a float (measured:
+    docs/BENCHMARKS.md "Whole step and inference"). Backward keeps the bool mask, like nn.Dropout.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"BitsDropout needs 0 < p < 1, got {p!r}")
+        self.p = p
+        self.threshold = -2**31 + round((1.0 - p) * 2**32)  # int32: keep u < t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return _MaskedScale.apply(x, keep_mask(x.shape, self.threshold, x.device), 1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def keep_mask(shape, threshold: int, device) -> torch.Tensor:
+    """A bool mask of `shape` with P(True) = (threshold + 2³¹) / 2³² per entry (see BitsDropout)."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)  # full range
+    return (bits.view(torch.int32)[:n] < threshold).view(shape)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """y = x · mask · scale, and ∂L/∂x = ∂L/∂y · mask · scale (nn.Dropout's formula and op order)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, scale):
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return x.mul(mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad.mul(mask).mul_(ctx.scale), None, None
+
+
+DROPOUT_SAMPLERS = ("torch", "bits")
+
+
+def make_dropout(p: float, sampler: str = "torch") -> nn.Module:
+    """Identity at p = 0; else nn.Dropout (sampler="torch": PEFT's own masks under the same seed) or
+    BitsDropout (sampler="bits": the same Bernoulli(1 − p) keep law, drawn faster)."""
+    if sampler not in DROPOUT_SAMPLERS:
+        raise ValueError(f"dropout_sampler must be one of {DROPOUT_SAMPLERS}, got {sampler!r}")
+    if p == 0:
+        return nn.Identity()
+    return nn.Dropout(p) if sampler == "torch" else BitsDropout(p)
+
+
+def dropout_active(module: nn.Module) -> bool:
+    """True when `module` (an adapter's lora_dropout) changes its input: training and p > 0."""
+    return module.training and isinstance(module, (nn.Dropout, BitsDropout))
+
+
+def output_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype base(x) returns: the autocast dtype if autocast is on, else the base's compute dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return base.compute_dtype if isinstance(base, NF4Linear) else base.weight.dtype
 
 
 def frozen_matmul(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -95,51 +171,80 @@ def frozen_matmul(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(base.weight.dtype), base.weight)
 
 
-def plain_like(base: nn.Module, weight: torch.Tensor, requantize: bool = False) -> nn.Module:
-    """A frozen layer that computes x·weightᵀ + base.bias: what a merged adapter leaves behind.
+# ---- merging: what an adapter leaves behind ----------------------------------------------------------
 
-    nn.Linear base: an nn.Linear in the base dtype. NF4 base: an nn.Linear in the compute dtype, or,
-    with requantize=True, a fresh NF4Linear (lossy: the merged weight is rounded to 16 levels again).
+def merged_layer(base: nn.Module, weight: torch.Tensor, requantize: bool = False,
+                 dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen layer computing x·weightᵀ + base.bias: what a merged adapter leaves in its place.
+
+    An nn.Linear in `dtype` (default: the base dtype; for NF4 its compute dtype), or, with
+    requantize=True and an NF4 base, a fresh NF4Linear (lossy: the merged weight is rounded to NF4
+    again; 4× smaller). docs/DORA.md ("Merging").
     """
     bias = base.bias.detach() if base.bias is not None else None
-    if isinstance(base, NF4Linear):
-        dtype = base.compute_dtype
-        if requantize:
-            return NF4Linear.from_weight(weight.to(dtype), bias, blocksize=base.blocksize,
-                                         double_quant=base.double_quant, compute_dtype=dtype)
-    else:
-        dtype = base.weight.dtype
-    out = nn.Linear(base.in_features, base.out_features, bias=bias is not None,
-                    device=weight.device, dtype=dtype)
+    nf4 = isinstance(base, NF4Linear)
+    dtype = dtype or (base.compute_dtype if nf4 else base.weight.dtype)
+    if nf4 and requantize:
+        return NF4Linear.from_weight(weight.to(dtype), bias, blocksize=base.blocksize,
+                                     double_quant=base.double_quant, compute_dtype=dtype)
+    out = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
-        out.weight.copy_(weight)
+        out.weight.copy_(weight)  # the fp32 merged sum, rounded once into `dtype`
         if bias is not None:
             out.bias.copy_(bias)
-    out.requires_grad_(False)
-    return out
+    return out.requires_grad_(False)
 
 
-def wrap_base(adapter: nn.Module, base: nn.Module, rank: int, alpha: float, dropout: float,
-              use_rslora: bool) -> None:
-    """What LoRA and DoRA share: the frozen base, the scaling s, the dropout and A (r, in), B (out, r)."""
-    if not is_linear(base):
-        raise TypeError(f"{type(adapter).__name__} wraps an nn.Linear or NF4Linear, got {type(base).__name__}")
-    check_adapter_args(rank, alpha, dropout)
-    adapter.base_layer = base.requires_grad_(False)
-    adapter.in_features, adapter.out_features = base.in_features, base.out_features
-    adapter.rank, adapter.alpha, adapter.use_rslora = rank, alpha, use_rslora
-    adapter.scaling = lora_scaling(alpha, rank, use_rslora)
-    adapter.lora_dropout = make_dropout(dropout)
-    adapter.lora_A, adapter.lora_B = make_lora_pair(base, rank)   # A (r, in), B (out, r), fp32
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): then a bf16 merged model is
+    the fast inference path; elsewhere bf16 matmuls are emulated and slower than fp32."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX512_BF16":  # not reported by every build
+        return True
+    try:
+        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class LoRALinear(nn.Module):
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype for merged inference: bf16 on GPUs and CPUs that have it, else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if fast_cpu_bf16() else torch.float32
+
+
+# ---- the adapters --------------------------------------------------------------------------------------
+
+class AdapterBase(nn.Module):
+    """What LoRA and DoRA share: the frozen base, s, the dropout, and A (r, in), B (out, r) in fp32.
+
+    An adapter wraps its base (never subclasses it): `base_layer` is the frozen nn.Linear / NF4Linear.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool,
+                 dropout_sampler: str = "torch"):
+        super().__init__()
+        if not is_linear(base):
+            raise TypeError(f"{type(self).__name__} wraps an nn.Linear or NF4Linear, got {type(base).__name__}")
+        check_adapter_args(rank, alpha, dropout)
+        self.base_layer = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
+        self.lora_dropout = make_dropout(dropout, dropout_sampler)
+        self.lora_A, self.lora_B = make_lora_pair(base, rank)   # A (r, in), B (out, r), fp32
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+class LoRALinear(AdapterBase):
     """y = base(x) + (α/r)·B A dropout(x), wrapping (never subclassing) a frozen linear layer."""
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False):  # the defaults are PEFT's LoraConfig defaults
-        super().__init__()
-        wrap_base(self, base, rank, alpha, dropout, use_rslora)
+                 use_rslora: bool = False, dropout_sampler: str = "torch"):  # PEFT's LoraConfig defaults
+        super().__init__(base, rank, alpha, dropout, use_rslora, dropout_sampler)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)                                  # (..., out) = x W0ᵀ + b, base dtype
@@ -152,10 +257,7 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # ΔW = s·BA, (out, in) fp32
 
     @torch.no_grad()
-    def merged(self, requantize: bool = False) -> nn.Module:
+    def merged(self, requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
         """The plain layer with W = W0 + s·BA: same output, no adapter cost at inference."""
         W = base_weight(self.base_layer, torch.float32) + self.delta_weight()  # (out, in), fp32 sum
-        return plain_like(self.base_layer, W, requantize)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+        return merged_layer(self.base_layer, W, requantize, dtype)

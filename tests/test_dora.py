@@ -1,18 +1,23 @@
-"""nanopeft/dora.py against HF PEFT's DoRA on single layers (peft_nf4.md §2, §8)."""
+"""nanopeft/dora.py against HF PEFT's DoRA on single layers (docs/DORA.md "DoRA (Eq. 5)",
+"Dropout semantics"), and the fast forward against the textbook one.
+
+Tests that need PEFT or bitsandbytes skip one by one when they are missing (the helpers in conftest.py).
+"""
 
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
-from test_lora import (ALPHA, IN, OUT, R, assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4,
-                       make_linear, peft_layer)
+from conftest import ADAPTER_ALPHA as ALPHA
+from conftest import ADAPTER_IN as IN
+from conftest import ADAPTER_OUT as OUT
+from conftest import ADAPTER_R as R
+from conftest import assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4, make_linear, peft_layer
 
 from nanopeft.dora import DoRALinear
 from nanopeft.lora import base_weight
 from nanopeft.nf4_linear import NF4Linear
-
-peft = pytest.importorskip("peft")
 
 
 def twin(base, dropout=0.0, rslora=False, ours_base=None):
@@ -51,9 +56,11 @@ def test_forward_and_grads_equal_peft(dropout, rslora):
     assert_outputs_and_grads_equal(pm, ours, x, theirs, mine)
 
 
-def test_dropout_only_reaches_the_rescaling_and_lora_terms():
+@pytest.mark.parametrize("mode", ["peft", "lora"])
+def test_dropout_reaches_the_terms_its_mode_says(mode):
     base = make_linear()
     _, _, do = twin(base, dropout=0.5)
+    do.dora_dropout = mode
     x = torch.randn(5, IN)
     do.train()
     torch.manual_seed(0)
@@ -62,7 +69,10 @@ def test_dropout_only_reaches_the_rescaling_and_lora_terms():
     xd = nn.functional.dropout(x, 0.5, True)
     W, b, A, B, s = base.weight, base.bias, do.lora_A.weight, do.lora_B.weight, do.scaling
     g = do.lora_magnitude_vector / torch.linalg.norm(W + s * B @ A, dim=1)
-    ref = x @ W.T + b + (g - 1) * (xd @ W.T) + g * s * (xd @ A.T @ B.T)  # PEFT's dropout semantics
+    if mode == "peft":  # PEFT's semantics: the frozen path sees x, the rescaling and LoRA term x̃
+        ref = x @ W.T + b + (g - 1) * (xd @ W.T) + g * s * (xd @ A.T @ B.T)
+    else:               # only the low-rank path sees x̃
+        ref = g * (x @ W.T + s * (xd @ A.T @ B.T)) + b
     assert torch.allclose(y, ref, atol=1e-5, rtol=0)
     do.eval()  # eval: Eq. 5 exactly, W' = m·(W0 + sBA)/‖W0 + sBA‖
     Wp = g[:, None] * (W + s * B @ A)
@@ -148,7 +158,7 @@ def test_nf4_base_equals_peft_on_bitsandbytes(dropout):
     base = make_linear()
     q = make_bnb4(base)
     pm, layer = peft_layer(q, dora=True, dropout=dropout)
-    pm.train()  # bnb's eval path on CPU repacks the weight (peft_nf4.md §4.8)
+    pm.train()  # bnb's eval path on CPU repacks the weight (docs/NF4.md "bitsandbytes CPU traps")
     # m was initialised from the dequantized NF4 weight, on both sides
     ours = DoRALinear(NF4Linear.from_linear(base), R, ALPHA, dropout)
     copy_from_peft(ours, layer)
@@ -210,3 +220,120 @@ def test_nf4_weight_is_dequantized_no_more_often_than_for_lora(monkeypatch):
             layer(x).square().sum().backward()
             counts[cls.__name__, dropout] = len(calls)
     assert set(counts.values()) == {2}, counts
+
+
+# ---- the fast forward equals the textbook one; the "lora" dropout mode ------------------------------------
+
+def perturbed(do):
+    with torch.no_grad():  # B != 0 and m != ‖W0 + sBA‖: every term of the forward matters
+        do.lora_B.weight.normal_(0, 0.1)
+        do.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(do.out_features))
+    return do
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4", "nobias"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["peft", "lora"])
+@pytest.mark.parametrize("sampler", ["torch", "bits"])
+def test_fast_forward_equals_textbook_eq5(kind, dropout, mode, sampler):
+    """forward_fast (row-append + cached ‖W0‖²) == forward_textbook (dense W0 + s·BA): outputs and grads."""
+    base = make_linear(bias=kind != "nobias")
+    if kind == "nf4":
+        base = NF4Linear.from_linear(base)
+    fast = perturbed(DoRALinear(base, R, ALPHA, dropout, dropout_sampler=sampler, dora_dropout=mode))
+    slow = copy.deepcopy(fast)
+    slow.fast = False
+    x = torch.randn(3, 7, IN, requires_grad=True)
+    mine = [fast.lora_A.weight, fast.lora_B.weight, fast.lora_magnitude_vector]
+    theirs = [slow.lora_A.weight, slow.lora_B.weight, slow.lora_magnitude_vector]
+    assert_outputs_and_grads_equal(slow, fast, x, theirs, mine, atol=2e-6)
+
+
+def test_the_two_dropout_modes_differ_in_training_only():
+    do = perturbed(DoRALinear(make_linear(), R, ALPHA, 0.5, dora_dropout="lora")).train()
+    peft_mode = copy.deepcopy(do)
+    peft_mode.dora_dropout = "peft"
+    x = torch.randn(5, IN)
+    torch.manual_seed(0)
+    y = do(x)
+    torch.manual_seed(0)
+    assert not torch.allclose(peft_mode(x), y, atol=1e-3)
+    do.eval(), peft_mode.eval()
+    assert torch.equal(do(x), peft_mode(x))
+    with pytest.raises(ValueError, match="dora_dropout"):
+        DoRALinear(make_linear(), R, ALPHA, 0.1, dora_dropout="none")
+
+
+def test_lora_dropout_mode_multiplies_with_w0_once(monkeypatch):
+    """One frozen pass ([x; A] W0ᵀ) in "lora" mode, two row blocks of x in "peft" mode."""
+    import nanopeft.dora as dora
+
+    rows, frozen = [], dora.frozen_matmul
+    monkeypatch.setattr(dora, "frozen_matmul", lambda base, t: rows.append(t.shape[0]) or frozen(base, t))
+    x = torch.randn(10, IN)
+    for mode in ("lora", "peft"):
+        DoRALinear(make_linear(), R, ALPHA, 0.1, dora_dropout=mode).train()(x)
+    assert rows == [R, 10 + R, R, 10 + 10 + R]  # (init's A W0ᵀ, then the forward) per mode
+
+
+# ---- on a CUDA GPU (pytest -m cuda; bench/gpu.py runs these) -------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def adapter_on(device, cls, dropout=0.0):
+    from nanopeft.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = {"lora": LoRALinear, "dora": DoRALinear}[cls](NF4Linear.from_linear(make_linear()), R, ALPHA, dropout)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    return layer.to(device)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("cls", ["lora", "dora"])
+def test_cuda_adapter_on_nf4_equals_cpu(cls):
+    cpu, gpu = adapter_on("cpu", cls), adapter_on("cuda", cls)
+    x = torch.randn(3, 7, IN, requires_grad=True)
+    xg = x.detach().cuda().requires_grad_()
+    y, yg = cpu(x), gpu(xg)
+    assert torch.allclose(yg.cpu(), y, atol=1e-5, rtol=1e-5)
+    g = torch.autograd.grad(y.square().sum(), [x, cpu.lora_A.weight, cpu.lora_B.weight])
+    gg = torch.autograd.grad(yg.square().sum(), [xg, gpu.lora_A.weight, gpu.lora_B.weight])
+    for a, b in zip(gg, g):
+        assert close(a.cpu(), b, tol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("cls", ["lora", "dora"])
+def test_cuda_bf16_autocast_is_close_to_fp32_and_keeps_fp32_adapters(cls):
+    layer = adapter_on("cuda", cls, dropout=0.0)
+    x = torch.randn(4, 9, IN, device="cuda")
+    y32 = layer(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y16 = layer(x)
+    assert y16.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    assert (y16.float() - y32).abs().max() <= 2e-2 * y32.abs().max()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("cls", ["lora", "dora"])
+def test_cuda_fp16_gradscaler_step_moves_only_the_adapter(cls):
+    layer = adapter_on("cuda", cls, dropout=0.1).train()
+    frozen = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    params = [p for p in layer.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt, scaler = torch.optim.AdamW(params, lr=1e-2), torch.amp.GradScaler("cuda")
+    x = torch.randn(8, IN, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = layer(x).float().square().mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.isfinite(loss) and scaler.get_scale() > 0
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(frozen[k], v) for k, v in layer.base_layer.state_dict().items())

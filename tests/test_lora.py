@@ -1,4 +1,7 @@
-"""nanopeft/lora.py against HF PEFT's LoRA on single layers (peft_nf4.md §1, §8)."""
+"""nanopeft/lora.py against HF PEFT's LoRA on single layers (docs/DORA.md "LoRA", "Merging").
+
+Tests that need PEFT or bitsandbytes skip one by one when they are missing (the helpers in conftest.py).
+"""
 
 import copy
 import math
@@ -6,90 +9,20 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ADAPTER_ALPHA as ALPHA
+from conftest import ADAPTER_IN as IN
+from conftest import ADAPTER_OUT as OUT
+from conftest import ADAPTER_R as R
+from conftest import assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4, make_linear, peft_layer
 
-from nanopeft.lora import LoRALinear
+from nanopeft.inject import add_adapters, merge_adapters
+from nanopeft.lora import BitsDropout, LoRALinear, inference_dtype, keep_mask
 from nanopeft.nf4_linear import NF4Linear
-
-peft = pytest.importorskip("peft")
-
-IN, OUT, R, ALPHA = 128, 64, 4, 8  # in_features % 64 == 0: bitsandbytes' CPU dequant is right (peft_nf4.md §4.8)
-
-
-class Wrap(nn.Module):
-    """PEFT adapts any nn.Module with nn.Linear children: one Linear named `lin`."""
-
-    def __init__(self, lin):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-def make_linear(dtype=torch.float32, bias=True, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(IN, OUT, bias=bias)
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.05)
-        if bias:
-            lin.bias.normal_(0, 0.1)
-    return lin.to(dtype)
-
-
-def make_bnb4(lin):
-    """bitsandbytes' NF4 Linear4bit (double quant) holding lin's weight, kept in train mode (§4.8)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    q = bnb.nn.Linear4bit(IN, OUT, bias=lin.bias is not None, compute_dtype=lin.weight.dtype,
-                          compress_statistics=True, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                 quant_type="nf4")
-    q = q.to("cpu")
-    if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return q
-
-
-def peft_layer(base, *, dora=False, dropout=0.0, rslora=False, r=R, alpha=ALPHA):
-    """PEFT's adapter on a copy of `base`, with init_lora_weights=False so that B != 0."""
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], use_dora=dora, lora_dropout=dropout,
-                          use_rslora=rslora, init_lora_weights=False)
-    pm = peft.get_peft_model(Wrap(copy.deepcopy(base)), cfg)
-    return pm, pm.base_model.model.lin
-
-
-def copy_from_peft(ours, layer):
-    """Put PEFT's A, B (and m) into our adapter, so both compute with the same numbers."""
-    with torch.no_grad():
-        ours.lora_A.weight.copy_(layer.lora_A["default"].weight)
-        ours.lora_B.weight.copy_(layer.lora_B["default"].weight)
-        if hasattr(ours, "lora_magnitude_vector"):
-            ours.lora_magnitude_vector.copy_(layer.lora_magnitude_vector["default"].weight)
-    return ours
-
-
-def close(a, b, tol=1e-5):
-    """|a − b| <= tol · max|b| (gradients summed in another order differ by a few ulp of their largest value)."""
-    return (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())
 
 
 def twin(base, dropout=0.0, rslora=False):
     pm, layer = peft_layer(base, dropout=dropout, rslora=rslora)
     return pm, layer, copy_from_peft(LoRALinear(copy.deepcopy(base), R, ALPHA, dropout, rslora), layer)
-
-
-def assert_outputs_and_grads_equal(pm, ours, x, theirs, mine):
-    """Eval and train mode (the same dropout mask): outputs, and gradients of x and the adapter tensors."""
-    for training in (False, True):
-        pm.train(training), ours.train(training)
-        torch.manual_seed(123)
-        y_ref = pm(x)
-        torch.manual_seed(123)  # the same dropout mask
-        y = ours(x)
-        assert torch.allclose(y, y_ref, atol=1e-6, rtol=0), (y - y_ref).abs().max()
-        g_ref = torch.autograd.grad(y_ref.square().sum(), [x] + theirs)
-        g = torch.autograd.grad(y.square().sum(), [x] + mine)
-        for a, b in zip(g, g_ref):
-            assert close(a, b), (a - b).abs().max()
 
 
 def test_init_is_kaiming_uniform_and_zero_b_so_step0_is_the_base():
@@ -136,7 +69,7 @@ def test_nf4_base_equals_peft_on_bitsandbytes():
     base = make_linear()
     q = make_bnb4(base)
     pm, layer = peft_layer(q)
-    pm.train()  # bnb's eval path on CPU repacks the weight (peft_nf4.md §4.8)
+    pm.train()  # bnb's eval path on CPU repacks the weight (docs/NF4.md "bitsandbytes CPU traps")
     ours = copy_from_peft(LoRALinear(NF4Linear.from_linear(base), R, ALPHA), layer)
     x = torch.randn(2, 5, IN)
     assert torch.allclose(ours(x), pm(x), atol=1e-6, rtol=0)
@@ -182,3 +115,75 @@ def test_bad_arguments():
             LoRALinear(make_linear(), **kw)
     with pytest.raises(TypeError, match="Conv2d"):
         LoRALinear(nn.Conv2d(3, 8, 3), 4, 8)
+
+
+# ---- the bits dropout sampler ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_bits_dropout_keeps_with_probability_exactly_one_minus_p(p):
+    d = BitsDropout(p)
+    assert abs((d.threshold + 2**31) / 2**32 - (1 - p)) <= 2**-33  # P(keep) at the sampler's resolution
+    torch.manual_seed(0)
+    n = 2_000_003  # odd: the last int64 supplies one int32 lane
+    keep = keep_mask((n,), d.threshold, "cpu").double().mean().item()
+    assert abs(keep - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)  # within 5 standard errors
+    x = torch.randn(3, 1001)
+    y = d.train()(x)
+    kept = y != 0
+    assert torch.equal(y[kept], (x * (1 / (1 - p)))[kept])  # kept entries scaled by 1/(1 − p), as nn.Dropout
+    assert torch.equal(d.eval()(x), x)
+    torch.manual_seed(7)
+    a = keep_mask((4, 5, 6), d.threshold, "cpu")
+    torch.manual_seed(7)
+    assert torch.equal(a, keep_mask((4, 5, 6), d.threshold, "cpu"))  # torch's generator: seeds replay
+
+
+def test_bits_dropout_gradient_is_the_mask_times_the_scale():
+    d = BitsDropout(0.25).train()
+    x = torch.randn(8, 33, requires_grad=True)
+    y = d(x)
+    (g,) = torch.autograd.grad(y.sum() * 3, [x])
+    assert torch.equal(g, (y != 0).float() * (3 / 0.75))
+    assert abs((y != 0).float().mean().item() - 0.75) < 0.05
+
+
+def test_lora_with_bits_dropout_equals_nn_dropout_with_the_same_mask(monkeypatch):
+    """The sampler only changes how the mask is drawn: with nn.Dropout forced to BitsDropout's mask,
+    outputs and gradients are bit-identical."""
+    base = make_linear()
+    fast = LoRALinear(copy.deepcopy(base), R, ALPHA, 0.3, dropout_sampler="bits").train()
+    ref = LoRALinear(copy.deepcopy(base), R, ALPHA, 0.3).train()
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        fast.lora_B.weight.normal_(0, 0.1), ref.lora_B.weight.copy_(fast.lora_B.weight)
+    x = torch.randn(3, 7, IN, requires_grad=True)
+    torch.manual_seed(1)
+    y = fast(x)
+    torch.manual_seed(1)
+    mask = keep_mask(x.shape, fast.lora_dropout.threshold, "cpu")
+    monkeypatch.setattr(nn.functional, "dropout", lambda t, p, training, inplace=False: t * mask / (1 - p))
+    y_ref = ref(x)
+    assert torch.allclose(y, y_ref, atol=1e-6, rtol=0)
+    g = torch.autograd.grad(y.square().sum(), [x, fast.lora_A.weight, fast.lora_B.weight])
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x, ref.lora_A.weight, ref.lora_B.weight])
+    for a, b in zip(g, g_ref):
+        assert close(a, b), (a - b).abs().max()
+    with pytest.raises(ValueError, match="dropout_sampler"):
+        LoRALinear(make_linear(), R, ALPHA, 0.1, dropout_sampler="fast")
+
+
+def test_merge_adapters_into_another_dtype():
+    model = nn.Sequential(nn.Module())
+    model[0].layer = nn.ModuleList([nn.Module()])
+    model[0].layer[0].fc = NF4Linear.from_linear(make_linear())
+    add_adapters(model, method="lora", rank=R, alpha=ALPHA, targets="all-linear")
+    w = model.get_submodule("0.layer.0.fc")
+    with torch.no_grad():
+        w.lora_B.weight.normal_(0, 0.1)
+    x = torch.randn(5, IN)
+    y = w.eval()(x)
+    assert merge_adapters(model, dtype=torch.bfloat16) == 1
+    merged = model.get_submodule("0.layer.0.fc")
+    assert type(merged) is nn.Linear and merged.weight.dtype == torch.bfloat16
+    assert torch.allclose(merged(x.bfloat16()).float(), y, atol=3e-2, rtol=0)
+    assert inference_dtype(torch.device("cpu")) in (torch.float32, torch.bfloat16)

@@ -1,0 +1,36 @@
+"""nanopeft/memory.py: the parts of the memory model that are exact (NF4 bytes, adapter state) and the
+ones that must move the right way (batch, checkpointing)."""
+
+import torch
+import torch.nn as nn
+
+from nanopeft import PRESETS, DINOv3ViT, NF4Linear, add_adapters
+from nanopeft.memory import estimate_training_memory, fewest_checkpointed_blocks, nf4_bytes
+from nanopeft.nf4 import nf4_nbytes
+
+
+def test_nf4_bytes_is_what_nf4linear_stores():
+    for out, n_in in [(64, 128), (96, 320), (8192, 4096), (7, 9)]:
+        layer = NF4Linear(n_in, out, bias=False, device="meta")
+        assert nf4_bytes(out * n_in) == nf4_nbytes(layer), (out, n_in)
+
+
+def test_estimate_counts_adapters_exactly_and_grows_with_batch():
+    cfg = PRESETS["vitb16"]
+    with torch.device("meta"):
+        model = DINOv3ViT(cfg)
+    n = add_adapters(model, method="lora", rank=16, alpha=32, dropout=0.05, targets="all-linear")
+    e1 = estimate_training_memory(model, batch_size=1, image_size=224)
+    e4 = estimate_training_memory(model, batch_size=4, image_size=224)
+    assert e1.adapters * 1e9 == n * 4 and e1.optimizer == 2 * e1.adapters == 2 * e1.gradients
+    linears = sum(m.in_features * m.out_features for nm, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and nm.endswith("base_layer"))
+    assert e1.nf4_weights * 1e9 == sum(nf4_bytes(m.in_features * m.out_features) for nm, m in model.named_modules()
+                                      if isinstance(m, nn.Linear) and nm.endswith("base_layer"))
+    assert 0.51 < e1.nf4_weights * 1e9 / linears < 0.52  # ~4.13 bits per weight
+    assert e4.activations > 3 * e1.activations and e4.nf4_weights == e1.nf4_weights
+    full = estimate_training_memory(model, batch_size=4, image_size=224, grad_checkpointing=False)
+    assert full.activations > 3 * e4.activations  # checkpointing keeps one block's set, not twelve
+    k = fewest_checkpointed_blocks(model, (e4.total + full.total) / 2, batch_size=4, image_size=224)
+    assert 0 < k < cfg.num_hidden_layers
+    assert fewest_checkpointed_blocks(model, 0.1, batch_size=4, image_size=224) is None
