@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .augment import resize_normalize
 from .data import IMAGE_EXTENSIONS, load_image
+from .csvout import Sink, csv_line, line_at, locate_rows, merge_rows, parse_line, work_files
 from .prior import correct
 
 
@@ -200,80 +201,6 @@ def _row(inputs: Inputs, i: int, probs, error: str, names, k) -> list[str]:
     return [inputs.paths[i], *cells, *[inputs.extra[i][c] for c in inputs.columns], error]
 
 
-# ----------------------------------------------------------------------------- resumable CSV files
-def _csv_line(cells) -> bytes:
-    """One CSV row as csv.writer writes it (quoted where needed, \r\n-terminated). Newlines inside a
-    cell become spaces: every row is one line, so resuming and merging can work line by line."""
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf).writerow([str(c).replace("\r", " ").replace("\n", " ") for c in cells])
-    return buf.getvalue().encode("utf-8")
-
-
-def _parse(line: bytes) -> list[str]:
-    return next(csv.reader([line.decode("utf-8")]))
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """A process killed mid-write leaves a last line without its newline: cut it off."""
-    size = path.stat().st_size
-    with open(path, "r+b") as f:
-        pos = size
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            chunk = f.read(step)
-            if pos == size and chunk.endswith(b"\n"):
-                return
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                f.truncate(pos - step + nl + 1)
-                return
-            pos -= step
-        f.truncate(0)
-
-
-def complete_rows(path: Path, header: list[str]):
-    """Yield (byte offset, line) of every complete data row of a CSV this module wrote, streaming.
-    The header must be the one this run writes, so a resume never mixes two formats."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    _cut_torn_tail(path)
-    with open(path, "rb") as f:
-        first = f.readline()
-        if not first:
-            return
-        if _parse(first) != header:
-            raise ValueError(f"{path} exists with columns {_parse(first)}, this run writes {header}: "
-                             f"choose another --out or delete it")
-        offset = f.tell()
-        for line in f:
-            yield offset, line
-            offset += len(line)
-
-
-class Sink:
-    """Append rows to a CSV, header first if new, flushed after every batch."""
-
-    def __init__(self, path: Path, header: list[str]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists() or path.stat().st_size == 0
-        self.f = open(path, "ab")
-        if new:
-            self.f.write(_csv_line(header))
-            self.flush()
-
-    def write(self, rows) -> None:
-        self.f.write(b"".join(_csv_line(r) for r in rows))
-
-    def flush(self) -> None:
-        self.f.flush()  # in the OS's hands: a killed process loses nothing written so far
-
-    def close(self) -> None:
-        self.f.close()
-
-
 # ----------------------------------------------------------------------------- the loop
 def _collate(batch):
     xs, idx, errs = zip(*batch)
@@ -315,64 +242,6 @@ def _barrier():
         dist.barrier()
 
 
-def _assign_by_path(inputs: Inputs) -> dict[str, list[int]]:
-    """Rows of a directly written output carry no index: the k-th row of a path is its k-th occurrence."""
-    where: dict[str, list[int]] = {}
-    for i, p in enumerate(inputs.paths):
-        where.setdefault(p, []).append(i)
-    return where
-
-
-def _work_files(out: Path, kind: str) -> list[Path]:
-    return sorted(out.parent.glob(glob.escape(out.name) + f".{kind}*.csv"))
-
-
-def locate_rows(inputs: Inputs, out: Path, header: list[str], work: list[Path], wheader: list[str],
-                read_out: bool = True):
-    """Where each finished image's row is: {index: (file, byte offset, has index column)}, from OUT
-    itself (read_out) and the work files."""
-    loc: dict[int, tuple[Path, int, bool]] = {}
-    where = _assign_by_path(inputs)
-    used: dict[str, int] = {}
-    for off, line in complete_rows(out, header) if read_out else ():
-        p = _parse(line)[0]
-        k = used.get(p, 0)
-        if k < len(where.get(p, ())):
-            loc[where[p][k]] = (out, off, False)
-            used[p] = k + 1
-    for f in work:
-        for off, line in complete_rows(f, wheader):
-            i = int(line.split(b",", 1)[0])
-            if 0 <= i < len(inputs.paths):
-                loc[i] = (f, off, True)
-    return loc
-
-
-def _line_at(handles: dict, f: Path, off: int, indexed: bool) -> bytes:
-    h = handles.get(f) or handles.setdefault(f, open(f, "rb"))
-    h.seek(off)
-    line = h.readline()
-    return line.split(b",", 1)[1] if indexed else line
-
-
-def merge_rows(out: Path, header: list[str], loc: dict, n: int) -> None:
-    """Write OUT atomically from the located rows, in input order (no row missing, none repeated)."""
-    missing = [i for i in range(n) if i not in loc]
-    if missing:
-        raise RuntimeError(f"{out}: {len(missing)} image(s) have no row after all ranks finished, e.g. #{missing[0]}")
-    tmp, handles = out.with_name(f".{out.name}.tmp-{os.getpid()}"), {}
-    try:
-        with open(tmp, "wb") as w:
-            w.write(_csv_line(header))
-            for i in range(n):
-                w.write(_line_at(handles, *loc[i]))
-        os.replace(tmp, out)
-    finally:
-        for h in handles.values():
-            h.close()
-        tmp.unlink(missing_ok=True)
-
-
 def _em_finish(inputs: Inputs, out: Path, header, wheader, loc, names, k, train_priors) -> dict:
     """All posteriors are in: estimate the test priors (EM), write OUT from the corrected posteriors
     and OUT.posteriors.csv (index, path, prob_<class>..., error) as one merged file."""
@@ -380,7 +249,7 @@ def _em_finish(inputs: Inputs, out: Path, header, wheader, loc, names, k, train_
     P, errors, handles = np.zeros((n, C)), [""] * n, {}
     try:
         for i in range(n):
-            cells = _parse(_line_at(handles, *loc[i]))  # path, C probabilities, error
+            cells = parse_line(line_at(handles, *loc[i]))  # path, C probabilities, error
             errors[i] = cells[-1]
             if not errors[i]:
                 P[i] = [float(v) for v in cells[1:1 + C]]
@@ -396,16 +265,16 @@ def _em_finish(inputs: Inputs, out: Path, header, wheader, loc, names, k, train_
     merged = out.with_name(f"{out.name}.posteriors.csv")
     tmp = merged.with_name(f".{merged.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as w:  # index, path, the raw posteriors, error
-        w.write(_csv_line(wheader))
-        w.writelines(_csv_line([i, inputs.paths[i], *(f"{v:.8g}" for v in P[i]), errors[i]]) for i in range(n))
+        w.write(csv_line(wheader))
+        w.writelines(csv_line([i, inputs.paths[i], *(f"{v:.8g}" for v in P[i]), errors[i]]) for i in range(n))
     os.replace(tmp, merged)
-    for f in _work_files(out, "posteriors"):
+    for f in work_files(out, "posteriors"):
         if f != merged:
             f.unlink()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as w:
-        w.write(_csv_line(header))
-        w.writelines(_csv_line(_row(inputs, i, Pc[i], errors[i], names, k)) for i in range(n))
+        w.write(csv_line(header))
+        w.writelines(csv_line(_row(inputs, i, Pc[i], errors[i], names, k)) for i in range(n))
     os.replace(tmp, out)
     return info
 
@@ -423,10 +292,10 @@ def predict_to_csv(model, inputs: Inputs, out, class_names: list[str], image_siz
     wheader = (["index", "path", *[f"prob_{c}" for c in names], "error"] if em else ["index", *header])
     if train_priors is None:
         train_priors = np.full(len(names), 1.0 / len(names))
-    if em and out.exists() and not _work_files(out, kind):
+    if em and out.exists() and not work_files(out, kind):
         raise FileExistsError(f"{out} exists but not its posteriors ({out.name}.posteriors.csv), which "
                               f"--prior-correction em needs: choose another --out or delete it")
-    work = [] if direct else _work_files(out, kind)
+    work = [] if direct else work_files(out, kind)
     loc = locate_rows(inputs, out, header, work, wheader, read_out=not em)
     _barrier()  # every rank has read the same files before any rank appends to them
     todo = [i for i in range(len(inputs.paths)) if i not in loc]
@@ -452,7 +321,7 @@ def predict_to_csv(model, inputs: Inputs, out, class_names: list[str], image_siz
     _barrier()  # every rank's rows are on disk
     info = None
     if rank == 0 and not direct:
-        work = _work_files(out, kind)
+        work = work_files(out, kind)
         if em:
             loc = locate_rows(inputs, out, header, work, wheader, read_out=False)
             info = _em_finish(inputs, out, header, wheader, loc, names, k, train_priors)
