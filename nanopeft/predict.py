@@ -307,6 +307,8 @@ def predict_to_csv(model, inputs: Inputs, out, class_names: list[str], image_siz
                                                    device, amp, show=rank == 0):
             ok = np.array([not e for e in errs])
             failed += int((~ok).sum())
+            if probs.shape[1] == 0:  # not one readable image in this batch
+                probs = np.zeros((len(idx), len(names)))
             if prior not in ("none", "em") and ok.any():  # known priors: each row on its own
                 probs[ok] = correct(probs[ok], prior, train_priors, names)[0]
             if em:
