@@ -72,6 +72,12 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [round(t, 12) for t in ticks]
 
 
+def int_ticks(lo: float, hi: float) -> list[float]:
+    """Whole-number ticks (epochs, counts) inside [lo, hi]."""
+    ticks = [t for t in nice_ticks(lo, hi) if lo - 1e-9 <= t <= hi + 1e-9 and float(t).is_integer()]
+    return ticks if len(ticks) >= 2 else [float(t) for t in range(math.ceil(lo), math.floor(hi) + 1)] or [lo, hi]
+
+
 def tick_label(v: float) -> str:
     if v == 0:
         return "0"
@@ -187,9 +193,12 @@ def save_confusion_matrix(cm, class_names: list[str], path, title: str = "Confus
         for p in range(C):
             x, y = left + p * cell, top + t * cell
             d.rectangle([x, y, x + cell, y + cell], fill=colour(frac[t, p]), outline=(255, 255, 255))
+            if cm[t, p] == 0:  # empty cells stay quiet, so the errors stand out
+                centered(d, (x + cell / 2, y + cell / 2), "0", cell_f, fill=(170, 170, 170))
+                continue
             ink = "white" if frac[t, p] > 0.55 else INK
             centered(d, (x + cell / 2, y + cell / 2 - 8), f"{cm[t, p]:,}", cell_f, fill=ink)
-            share = "<1%" if 0 < frac[t, p] < 0.005 else f"{100 * frac[t, p]:.0f}%"
+            share = "<1%" if frac[t, p] < 0.005 else f"{100 * frac[t, p]:.0f}%"
             centered(d, (x + cell / 2, y + cell / 2 + 9), share, cell_f, fill=ink)
     for i, name in enumerate(class_names):  # class names on both axes
         w, h = text_size(d, name, label_f)
@@ -264,6 +273,7 @@ def save_curves(steps: list[dict], epochs: list[dict], path, title: str = "Train
     lo = min([v for v in acc + f1 if v is not None] or [0.0])
     right = Panel(img, (780, 70, 1240, 440), (min(ep or [0]) - 0.5 if len(ep) < 2 else min(ep), max(ep or [1])),
                   (min(0.0, lo), 1.0))
+    right.x_ticks = int_ticks(*right.x_range) if ep else right.x_ticks
     right.axes("epoch", "validation score", "validation per epoch")
     right.line(ep, acc, GREEN, width=3, markers=True)
     entries = [("accuracy", GREEN)]
