@@ -4,14 +4,17 @@
     ImageFiles(paths) ─► (pixel_values, index, error)   an unreadable image yields error != "" and zeros
     predict_to_csv(model, inputs, out, ...)             one row per image: path, label, prob, label_2, ...
 
-Memory stays flat: batches are written (and flushed) as they come, only the (N,) done-flags and, for
-`--prior-correction em`, the (N, C) posteriors are held. Resume: the rows already in the output are
+    read_run / run_classifier(run)                      a train.py run folder -> its merged classifier
+
+Memory stays flat: batches are written (and flushed) as they come; what is held is one row location
+per image (nanopeft/csvout.py) and, for `--prior-correction em`, the (N, C) posteriors. Resume: the rows already in the output are
 skipped (a killed run loses at most the batch it was writing; a torn last line is cut off).
 
-Several processes (torchrun): image i goes to rank i mod N (no padding, no repeats); each rank streams
+Several processes (torchrun): the j-th image still to do goes to rank j mod N (no padding, no repeats); each rank streams
 `OUT.part-<rank>.csv` with an `index` column, and rank 0 merges them in input order into OUT once all
 are done. `em` needs every posterior before any label is final: its rows go to `OUT.posteriors.csv`
-(path + one probability per class, kept: the full posteriors are useful), then the corrected labels to OUT.
+(index, path, one probability per class, error; kept: the full posteriors are useful), then the corrected
+labels to OUT and the estimated priors to `<OUT stem>.priors.json`.
 """
 
 from __future__ import annotations
