@@ -1,13 +1,22 @@
-"""Evaluate a trained run on a test set: accuracy, F1, confusion matrix, per-source scores, honest speed.
+"""Evaluate a trained run on a test set: accuracy, balanced accuracy, F1, confusion matrix, per-source scores,
+honest speed, and metrics after a correction for the test set's class priors.
 
     python eval.py --run runs/qlora-all-linear-r64-... --data data/test [--out metrics.json]
     python eval.py --run RUN --split val                      # the run's own validation split
     python eval.py --ensemble RUN1 RUN2 RUN3 --data data/test  # average the logits of several runs
+    python eval.py --run RUN --data data/test --prior-correction em        # or a JSON {class: share}
 
-The adapters are merged into the base for inference by default (`--merge yes`), so a DoRA run costs
-what the base model costs; the paper evaluated unmerged DoRA at half QLoRA's speed. Speed is measured
-after warm-up with the device synchronised: latency at batch 1 and throughput at --batch-size, for the
-model alone and with image decoding and preprocessing included.
+Writes metrics.json, predictions.csv and confusion_matrix.png side by side. The adapters are merged into
+the base for inference by default (`--merge yes`), so a DoRA run costs what the base model costs; the
+paper evaluated unmerged DoRA at half QLoRA's speed. Speed is measured after warm-up with the device
+synchronised: latency at batch 1 and throughput at --batch-size, for the model alone and with image
+decoding and preprocessing included.
+
+Prior shift: a model trained on balanced classes and tested where 39 % of the images are one class is
+miscalibrated by the ratio of the priors. `--prior-correction` re-weights its posteriors to the test
+priors (nanopeft/prior.py: known ones, or estimated on the test images themselves by EM, Saerens et al.
+2002) and metrics.json then holds both: the raw metrics at the top level, the corrected ones under
+`corrected`, and the priors under `prior_correction`.
 """
 
 from __future__ import annotations
@@ -22,17 +31,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
+from nanopeft.augment import resize_normalize
 from nanopeft.config import TrainConfig
 from nanopeft.data import ImageDataset, check_images, load_image, scan_dataset, stratified_split
-from nanopeft.augment import resize_normalize
 from nanopeft.metrics import compute_metrics, format_report
-from nanopeft.build import build_classifier
-from nanopeft.config import ADAPTER_METHODS, SCRATCH_METHODS
 from nanopeft.device import autocast, autocast_dtype, resolve_device, threads_beside_workers
-from nanopeft.run import load_run_weights
+from nanopeft.plots import save_confusion_matrix
+from nanopeft.predict import read_run as _read_run
+from nanopeft.predict import run_classifier, run_train_priors
+from nanopeft.prior import check_method, correct
 
 
 def fail(msg: str) -> None:
@@ -41,29 +50,19 @@ def fail(msg: str) -> None:
 
 
 def read_run(run: str) -> tuple[TrainConfig, dict]:
-    cfg_file = Path(run) / "config.json"
-    if not cfg_file.is_file():
-        fail(f"--run {run}: no config.json there (expected a folder written by train.py)")
-    if not (Path(run) / "adapter" / "adapter_model.safetensors").is_file():
-        fail(f"--run {run}: no adapter/adapter_model.safetensors (did the run finish an epoch?)")
-    saved = json.loads(cfg_file.read_text())
-    return TrainConfig(**saved["train"]), saved
+    try:
+        return _read_run(run)
+    except FileNotFoundError as e:
+        fail(str(e))
 
 
-def load_model(run: str, device, amp, weights: str | None, merge: str) -> tuple[nn.Module, dict]:
+def load_model(run: str, device, amp, weights: str | None, merge: str):
     """Rebuild the run's classifier, load what it trained, and (by default) merge the adapters."""
-    from nanopeft.inject import merge_adapters
-
-    cfg, saved = read_run(run)
-    if weights:
-        cfg.weights = weights
-    if cfg.method not in SCRATCH_METHODS and not Path(cfg.weights).exists():
-        fail(f"the run's backbone {cfg.weights} does not exist here; pass --weights PATH")
-    model = build_classifier(cfg, saved["num_classes"], device, dtype=amp or torch.float32, adapters=False)
-    load_run_weights(model, cfg, Path(run) / "adapter")
-    if merge != "no" and cfg.method in ADAPTER_METHODS:
-        merge_adapters(model.backbone, requantize=(merge == "requantize"))
-    return model.eval(), saved
+    read_run(run)  # its errors first, as one line
+    try:
+        return run_classifier(run, device, amp, weights=weights, merge=merge)
+    except FileNotFoundError as e:
+        fail(str(e))
 
 
 def test_items(args, cfg: TrainConfig, saved: dict):
@@ -97,23 +96,25 @@ def predict(model, loader, device, amp, desc: str) -> tuple[torch.Tensor, float]
     return torch.cat(outs), time.perf_counter() - t0
 
 
+def median_time(fn, n: int, sync) -> float:
+    """Median wall time of n calls of fn, after 3 warm-up calls, the device synchronised around each."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def measure_speed(model, items, image_size: int, batch_size: int, device, amp, reps: int = 20) -> dict:
-    """Median latency (batch 1) and throughput (batch_size), after 3 warm-up calls, device synchronised;
-    `_with_data` adds Pillow decoding and preprocessing of real test images."""
+    """Median latency (batch 1) and throughput (batch_size), device synchronised; `_with_data` adds
+    Pillow decoding and preprocessing of real test images."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-
-    def timed(fn, n):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(n):
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
 
     def prep(k):
         return torch.stack([resize_normalize(load_image(items[j % len(items)].path).float() / 255, image_size)
@@ -122,10 +123,10 @@ def measure_speed(model, items, image_size: int, batch_size: int, device, amp, r
     run = lambda x: model(x.to(device)).float().cpu()
     one, batch = prep(1), prep(batch_size)
     with autocast(device, amp):
-        lat = timed(lambda: run(one), reps)
-        thr = timed(lambda: run(batch), max(3, reps // 4))
-        lat_data = timed(lambda: run(prep(1)), reps)
-        thr_data = timed(lambda: run(prep(batch_size)), max(3, reps // 4))
+        lat = median_time(lambda: run(one), reps, sync)
+        thr = median_time(lambda: run(batch), max(3, reps // 4), sync)
+        lat_data = median_time(lambda: run(prep(1)), reps, sync)
+        thr_data = median_time(lambda: run(prep(batch_size)), max(3, reps // 4), sync)
     return {"latency_ms": 1000 * lat, "throughput_img_s": batch_size / thr,
             "latency_ms_with_data": 1000 * lat_data, "throughput_img_s_with_data": batch_size / thr_data,
             "speed_batch_size": batch_size, "speed_device": str(device)}
@@ -143,13 +144,14 @@ def combine_speed(a: dict, b: dict) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="run folder written by train.py")
     p.add_argument("--ensemble", nargs="+", metavar="RUN", help="several runs: their logits are averaged")
     p.add_argument("--data", help="test image folder or CSV manifest (path,label[,source])")
     p.add_argument("--split", choices=["test", "val"], default="test", help="val: the run's validation split")
-    p.add_argument("--out", help="metrics.json path (default: RUN/metrics.json); predictions.csv goes beside it")
+    p.add_argument("--out", help="metrics.json path (default: RUN/metrics.json); predictions.csv and "
+                                 "confusion_matrix.png go beside it")
     p.add_argument("--weights", help="backbone path, if not where the run recorded it")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
@@ -158,25 +160,30 @@ def main(argv=None) -> dict:
     p.add_argument("--merge", default="yes", choices=["yes", "requantize", "no"],
                    help="fold adapters into the base (yes: compute dtype; requantize: back to NF4; no)")
     p.add_argument("--speed-reps", type=int, default=20, help="timed calls per speed measurement (0: skip)")
+    p.add_argument("--prior-correction", default="none", metavar="none|em|FILE",
+                   help="re-weight posteriors to the test priors: none, em (estimated on the test images), "
+                        "or a JSON file {class: share}")
     args = p.parse_args(argv)
-    runs = args.ensemble or ([args.run] if args.run else None)
-    if not runs:
+    try:
+        check_method(args.prior_correction)
+    except ValueError as e:
+        p.error(str(e))
+    args.runs = args.ensemble or ([args.run] if args.run else None)
+    if not args.runs:
         fail("give --run RUN or --ensemble RUN1 RUN2 ...")
-    device = resolve_device(args.device)
-    amp = autocast_dtype(device, args.precision)
+    return args
 
-    cfg0, saved0 = read_run(runs[0])
-    items = test_items(args, cfg0, saved0)
-    image_size = saved0["train"]["image_size"]
+
+def ensemble_logits(args, items, image_size: int, names: list[str], device, amp):
+    """Average logits of the runs, the loop's wall time, and the (combined) speed measurement."""
     ds = ImageDataset(items, image_size=image_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     logits, wall, speed = 0, 0.0, {}
-    for run in runs:
+    for run in args.runs:
         model, saved = load_model(run, device, amp, args.weights, args.merge)
-        if saved["class_names"] != saved0["class_names"]:
-            fail(f"--ensemble: {run} was trained on classes {saved['class_names']}, {runs[0]} on "
-                 f"{saved0['class_names']}")
+        if saved["class_names"] != names:
+            fail(f"--ensemble: {run} was trained on classes {saved['class_names']}, {args.runs[0]} on {names}")
         threads = torch.get_num_threads()
         if device.type == "cpu" and args.workers > 0:  # leave the workers their cores
             torch.set_num_threads(threads_beside_workers(args.workers))
@@ -187,33 +194,89 @@ def main(argv=None) -> dict:
             speed = combine_speed(speed, measure_speed(model, items, image_size, args.batch_size, device, amp,
                                                        args.speed_reps))
         del model
-    logits = logits / len(runs)
-    preds = logits.argmax(-1)
-    labels = torch.tensor([s.label for s in items])
-    sources = [s.source for s in items] if any(s.source for s in items) else None
-    metrics = compute_metrics(labels.numpy(), preds.numpy(), class_names=saved0["class_names"], sources=sources)
-    metrics.update(speed)
-    metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) / wall, runs=runs,
-                   data=args.data if args.split == "test" else "val split", merged=args.merge)
+    return logits / len(args.runs), wall, speed
 
-    out = Path(args.out) if args.out else Path(runs[0]) / ("metrics_val.json" if args.split == "val" else
-                                                          "metrics.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
-    probs = logits.softmax(-1)
-    names = saved0["class_names"]
-    with open(out.with_name("predictions.csv"), "w", newline="") as f:
+
+def score(items, probs: torch.Tensor, names: list[str]) -> dict:
+    labels = [s.label for s in items]
+    sources = [s.source for s in items] if any(s.source for s in items) else None
+    return compute_metrics(labels, probs.argmax(-1).numpy(), class_names=names, sources=sources)
+
+
+def prior_corrected(args, probs: torch.Tensor, cfg0, saved0, names):
+    """(corrected posteriors, info) for --prior-correction, or (None, None) for none."""
+    if args.prior_correction == "none":
+        return None, None
+    try:
+        fixed, info = correct(probs, args.prior_correction, run_train_priors(cfg0, saved0), names)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    return torch.from_numpy(fixed), info
+
+
+def write_predictions(path: Path, items, names, probs, fixed=None) -> None:
+    """predictions.csv: path, label, prediction, confidence, source (+ the prior-corrected pair)."""
+    preds = probs.argmax(-1).tolist()
+    extra = ["prediction_corrected", "confidence_corrected"] if fixed is not None else []
+    fixed_preds = fixed.argmax(-1).tolist() if fixed is not None else None
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "prediction", "confidence", "source"])
-        for s, pr, pb in zip(items, preds.tolist(), probs.tolist()):
-            w.writerow([s.path, names[s.label], names[pr], f"{pb[pr]:.6f}", s.source])
+        w.writerow(["path", "label", "prediction", "confidence", "source", *extra])
+        for i, (s, pr) in enumerate(zip(items, preds)):
+            row = [s.path, names[s.label], names[pr], f"{probs[i, pr]:.6f}", s.source]
+            if fixed is not None:
+                row += [names[fixed_preds[i]], f"{fixed[i, fixed_preds[i]]:.6f}"]
+            w.writerow(row)
+
+
+def out_path(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path(args.runs[0]) / ("metrics_val.json" if args.split == "val" else "metrics.json")
+
+
+def print_summary(metrics: dict, speed: dict, batch_size: int, out: Path) -> None:
     print(format_report(metrics))
+    if metrics.get("corrected"):
+        c, pri = metrics["corrected"], metrics["prior_correction"]
+        print(f"\nprior-corrected ({pri['method']}): accuracy {c['accuracy']:.4f}, balanced accuracy "
+              f"{c['balanced_accuracy']:.4f}, macro F1 {c['macro_f1']:.4f}; test priors "
+              + ", ".join(f"{k} {v:.3f}" for k, v in pri["priors"].items()))
     if speed:
         print(f"\nspeed on {speed['speed_device']}: {speed['latency_ms']:.2f} ms/image at batch 1 "
               f"({speed['latency_ms_with_data']:.2f} with decoding), {speed['throughput_img_s']:.1f} img/s at batch "
-              f"{args.batch_size} ({speed['throughput_img_s_with_data']:.1f} with decoding); whole loop incl. "
+              f"{batch_size} ({speed['throughput_img_s_with_data']:.1f} with decoding); whole loop incl. "
               f"data loading {metrics['eval_throughput_img_s']:.1f} img/s")
-    print(f"wrote {out} and {out.with_name('predictions.csv')}")
+    print(f"wrote {out}, {out.with_name('predictions.csv')} and {out.with_name('confusion_matrix.png')}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    amp = autocast_dtype(device, args.precision)
+    cfg0, saved0 = read_run(args.runs[0])
+    names = saved0["class_names"]
+    items = test_items(args, cfg0, saved0)
+    logits, wall, speed = ensemble_logits(args, items, saved0["train"]["image_size"], names, device, amp)
+    probs = logits.softmax(-1)
+    fixed, info = prior_corrected(args, probs, cfg0, saved0, names)
+
+    metrics = score(items, probs, names)
+    metrics.update(speed)
+    metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) / wall, runs=args.runs,
+                   data=args.data if args.split == "test" else "val split", merged=args.merge)
+    if fixed is not None:
+        metrics.update(corrected=score(items, fixed, names), prior_correction=info)
+    out = out_path(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    write_predictions(out.with_name("predictions.csv"), items, names, probs, fixed)
+    title = f"{Path(args.runs[0]).name} on {Path(args.data).name if args.data else 'its val split'}"
+    save_confusion_matrix(metrics["confusion_matrix"], names, out.with_name("confusion_matrix.png"), title=title)
+    if fixed is not None:
+        save_confusion_matrix(metrics["corrected"]["confusion_matrix"], names,
+                              out.with_name("confusion_matrix_corrected.png"), title=f"{title}, prior-corrected")
+    print_summary(metrics, speed, args.batch_size, out)
     return metrics
 
 

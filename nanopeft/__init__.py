@@ -14,8 +14,10 @@ from .dora import DoRALinear
 from .inject import add_adapters, init_dora_magnitudes, merge_adapters
 from .save import load_adapter, save_adapter
 from .head import Classifier, make_head
+from .export import load_classifier
 
 __version__ = "0.1.0"
 __all__ = ["PAPER_RUNS", "PRESETS", "TrainConfig", "ViTConfig", "DINOv3ViT", "CheckpointError", "load_dinov3",
            "NF4Linear", "NF4Weight", "quantize_nf4", "LoRALinear", "DoRALinear", "add_adapters",
-           "init_dora_magnitudes", "merge_adapters", "load_adapter", "save_adapter", "Classifier", "make_head"]
+           "init_dora_magnitudes", "merge_adapters", "load_adapter", "save_adapter", "Classifier", "make_head",
+           "load_classifier"]

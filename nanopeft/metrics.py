@@ -6,6 +6,12 @@ Everything derives from one matrix M (rows = true class, columns = predicted, cl
     precision_c = TP_c / predicted_c        recall_c = TP_c / support_c
     F1_c = 2·TP_c / (support_c + predicted_c)          (= 2PR / (P + R), without the 0/0 detour)
     macro = mean over the C classes         weighted = Σ_c support_c · metric_c / Σ_c support_c
+    balanced accuracy = mean of recall_c over the classes with support_c > 0
+
+Balanced accuracy is what survives a prior shift: the study's test set is 39 % lying, 33 % standing,
+0.3 % gallop, so accuracy mostly measures two classes; balanced accuracy weighs each class equally.
+It averages only the classes present in y_true, as sklearn's `balanced_accuracy_score` does (a class
+that never occurs has no recall to average), so it can differ from macro recall, which counts them as 0.
 
 A 0/0 anywhere is 0.0, silently: sklearn's `zero_division="warn"` value without the warning. The
 averages run over all `num_classes` classes (sklearn with `labels=range(C)`, as in
@@ -73,7 +79,8 @@ def _summary(cm: np.ndarray) -> dict:
     """accuracy and the macro / weighted P, R, F1 of one confusion matrix."""
     prec, rec, f1, support = per_class_prf(cm)
     n = int(support.sum())
-    out = {"accuracy": float(_div(np.trace(cm), n))}
+    out = {"accuracy": float(_div(np.trace(cm), n)),
+           "balanced_accuracy": float(rec[support > 0].mean()) if (support > 0).any() else 0.0}
     for name, v in (("precision", prec), ("recall", rec), ("f1", f1)):
         out[f"macro_{name}"] = float(v.mean()) if v.size else 0.0
         out[f"weighted_{name}"] = float(_div((v * support).sum(), n))
@@ -84,8 +91,9 @@ def compute_metrics(y_true, y_pred, num_classes: int | None = None, class_names:
                     sources=None, top_k: int = 10) -> dict:
     """Everything eval.py writes to metrics.json, as plain Python numbers (JSON-ready).
 
-    Keys: num_samples, class_names, accuracy, {macro,weighted}_{precision,recall,f1}, per_class
-    (name -> precision, recall, f1, support), confusion_matrix (ints), confusion_matrix_normalized,
+    Keys: num_samples, class_names, accuracy, balanced_accuracy, {macro,weighted}_{precision,recall,f1},
+    per_class (name -> precision, recall, f1, support), per_class_recall (name -> recall),
+    confusion_matrix (ints), confusion_matrix_normalized,
     top_confusions, and per_source (source -> n, accuracy, weighted_f1) when `sources`
     (one string per sample, e.g. "mmcows" / "playbehavior") is given.
     """
@@ -104,6 +112,7 @@ def compute_metrics(y_true, y_pred, num_classes: int | None = None, class_names:
     out = {"num_samples": int(cm.sum()), "class_names": class_names, **_summary(cm)}
     out["per_class"] = {name: {"precision": float(prec[c]), "recall": float(rec[c]), "f1": float(f1[c]),
                                "support": int(support[c])} for c, name in enumerate(class_names)}
+    out["per_class_recall"] = {name: float(rec[c]) for c, name in enumerate(class_names)}
     out["confusion_matrix"] = cm.tolist()
     out["confusion_matrix_normalized"] = normalize_rows(cm).tolist()
     out["top_confusions"] = top_confusions(cm, class_names, top_k)
@@ -132,6 +141,8 @@ def format_report(metrics: dict, digits: int = 4) -> str:
     lines = [head, ""]
     lines += [row(c, m["precision"], m["recall"], m["f1"], m["support"]) for c, m in metrics["per_class"].items()]
     lines += ["", f"{'accuracy':>{w}}  {'':>9}  {'':>9}  {metrics['accuracy']:>9.{digits}f}  {n:>9d}"]
+    if "balanced_accuracy" in metrics:  # = mean recall of the classes present
+        lines.append(f"{'balanced acc':>{w}}  {'':>9}  {metrics['balanced_accuracy']:>9.{digits}f}  {'':>9}  {n:>9d}")
     for avg in ("macro", "weighted"):
         lines.append(row(f"{avg} avg", metrics[f"{avg}_precision"], metrics[f"{avg}_recall"],
                          metrics[f"{avg}_f1"], n))

@@ -277,3 +277,32 @@ def assert_outputs_and_grads_equal(ref, ours, x, theirs, mine, atol=1e-6):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); bench/gpu.py runs them")
+# ---- deploy helpers
+TINY_TRAIN = ["--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0", "--lr", "1e-3",
+              "--rank", "4", "--epochs", "1", "--patience", "5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_ckpt):
+    """Factory: tiny_run(method="lora") -> a run folder train.py wrote on a generated 3-class folder (one
+    epoch, 32 px, the tiny SwiGLU checkpoint), shared by the eval / predict / export tests."""
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("deploy")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+    from nanopeft.data import make_demo_dataset
+
+    data = make_demo_dataset(root / "train", num_classes=3, per_class=8, size=(40, 32), seed=0)
+    cache = {}
+
+    def build(method="lora"):
+        if method not in cache:
+            extra = ["--targets", "all-linear"] if method in ("lora", "dora") else []
+            train.main(["--out", str(root / method), "--method", method, "--weights", str(tiny_ckpt()[0]),
+                        "--data", str(data), *TINY_TRAIN, *extra])
+            cache[method] = root / method
+        return cache[method]
+
+    return build

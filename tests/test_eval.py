@@ -97,3 +97,52 @@ def test_eval_errors(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--run", str(runs[0]["lora"]), "--data", str(tmp_path / "none")])
     assert str(tmp_path / "none") in capsys.readouterr().err
+
+
+# ---- deploy: pictures, balanced accuracy, prior correction, the data-efficiency sweep
+def test_confusion_png_balanced_accuracy_and_prior_correction(runs, tmp_path):
+    from PIL import Image
+
+    run_dirs, test = runs
+    priors = tmp_path / "priors.json"
+    priors.write_text(json.dumps({"class_0": 0.8, "class_1": 0.1, "class_2": 0.1}))
+    out = tmp_path / "metrics.json"
+    m = evaluate.main(["--run", str(run_dirs["lora"]), "--data", str(test), "--out", str(out), "--workers", "0",
+                       "--speed-reps", "0", "--prior-correction", str(priors)])
+    saved = json.loads(out.read_text())
+    assert saved["balanced_accuracy"] == pytest.approx(sum(saved["per_class_recall"].values()) / 3)
+    assert saved["prior_correction"]["method"] == "file"
+    assert saved["prior_correction"]["priors"] == pytest.approx({"class_0": 0.8, "class_1": 0.1, "class_2": 0.1})
+    c = saved["corrected"]
+    assert sum(map(sum, c["confusion_matrix"])) == 18 and "balanced_accuracy" in c
+    # the correction moves predictions towards class_0 (x4 its odds against each other class)
+    pred0 = lambda cm: sum(r[0] for r in cm)
+    assert pred0(c["confusion_matrix"]) >= pred0(saved["confusion_matrix"])
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert sum(r["label"] == r["prediction_corrected"] for r in rows) / 18 == pytest.approx(c["accuracy"])
+    img = Image.open(tmp_path / "confusion_matrix.png")
+    assert img.size[0] > 300 and img.size[1] > 300
+    assert m["accuracy"] == saved["accuracy"]
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(run_dirs["lora"]), "--data", str(test), "--prior-correction", "bogus"])
+
+
+@pytest.mark.slow
+def test_data_efficiency_sweep(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import data_efficiency
+    from PIL import Image
+
+    from nanopeft.data import scan_dataset
+
+    data = make_demo_dataset(tmp_path / "train", num_classes=2, per_class=10, size=(40, 32), seed=0)
+    test = make_demo_dataset(tmp_path / "test", num_classes=2, per_class=4, size=(40, 32), seed=1)
+    rows = data_efficiency.main(["--data", str(data), "--test", str(test), "--shots", "3,6", "--out",
+                                 str(tmp_path / "sweep"), "--", "--method", "resnet18", "--image-size", "32",
+                                 "--batch-size", "4", "--epochs", "1", "--workers", "0"])
+    assert [r["shots"] for r in rows] == [3, 6] and [r["images"] for r in rows] == [6, 12]
+    small, large = (scan_dataset(tmp_path / "sweep" / f"k{k}" / "train.csv")[0] for k in (3, 6))
+    assert {s.path for s in small} < {s.path for s in large}  # nested subsets
+    assert sorted(sum(s.label == c for s in small) for c in (0, 1)) == [3, 3]  # stratified
+    assert "| 6 | 12 |" in (tmp_path / "sweep" / "results.md").read_text()
+    assert Image.open(tmp_path / "sweep" / "data_efficiency.png").size == (900, 560)

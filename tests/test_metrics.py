@@ -43,6 +43,8 @@ def test_hand_computed_three_classes():
     assert m["macro_f1"] == pytest.approx((0.625 + 0.6 + 2 / 3) / 3)                  # 0.630556
     assert m["weighted_precision"] == pytest.approx((8 * 0.625 + 4 * 0.5 + 7 * 0.8) / 19)   # 0.663158
     assert m["weighted_recall"] == pytest.approx(12 / 19)              # weighted recall == accuracy
+    assert m["balanced_accuracy"] == pytest.approx((5 / 8 + 3 / 4 + 4 / 7) / 3)   # mean recall, 0.648810
+    assert m["per_class_recall"] == pytest.approx({"A": 5 / 8, "B": 3 / 4, "C": 4 / 7})
     assert m["weighted_f1"] == pytest.approx((8 * 0.625 + 4 * 0.6 + 7 * 2 / 3) / 19)       # 0.635088
     np.testing.assert_allclose(m["confusion_matrix_normalized"],
                                [[5 / 8, 2 / 8, 1 / 8], [1 / 4, 3 / 4, 0], [2 / 7, 1 / 7, 4 / 7]])
@@ -123,6 +125,7 @@ def test_format_report():
     assert row("A") == ["A", "0.6250", "0.6250", "0.6250", "8"]
     assert row("C") == ["C", "0.8000", "0.5714", "0.6667", "7"]
     assert row("accuracy") == ["accuracy", "0.6316", "19"]
+    assert row("balanced acc") == ["balanced", "acc", "0.6488", "19"]
     assert row("macro avg") == ["macro", "avg", "0.6417", "0.6488", "0.6306", "19"]
     assert row("weighted avg") == ["weighted", "avg", "0.6632", "0.6316", "0.6351", "19"]
     assert "A -> B: 2 (25.0%)" in text and "C -> A: 2 (28.6%)" in text
@@ -143,6 +146,12 @@ def test_matches_sklearn():
 
     assert m["confusion_matrix"] == sk.confusion_matrix(y_true, y_pred, labels=labels).tolist()
     assert m["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred))
+    # class 5 never occurs: sklearn averages the recall of the 5 present classes, as we do
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y_true, y_pred))
+    assert list(m["per_class_recall"].values()) == pytest.approx(
+        sk.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0))
     p, r, f, s = sk.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     for c in range(C):
         got = m["per_class"][str(c)]
@@ -159,3 +168,23 @@ def test_matches_sklearn():
         assert got["accuracy"] == pytest.approx(sk.accuracy_score(y_true[sel], y_pred[sel]))
         assert got["weighted_f1"] == pytest.approx(
             sk.f1_score(y_true[sel], y_pred[sel], average="weighted", zero_division=0))
+
+
+def test_balanced_accuracy_under_imbalance():
+    """95 % of one class, always predicted: accuracy 0.95, balanced accuracy 0.5 (the rare class's recall is 0)."""
+    y_true = np.array([0] * 95 + [1] * 5)
+    m = compute_metrics(y_true, np.zeros(100, dtype=int), class_names=["lying", "gallop"])
+    assert m["accuracy"] == pytest.approx(0.95)
+    assert m["balanced_accuracy"] == pytest.approx(0.5)
+    assert m["per_class_recall"] == {"lying": 1.0, "gallop": 0.0}
+    # a class absent from y_true is left out of the balanced mean, kept at 0 in the macro recall
+    m = compute_metrics([0, 0, 1], [0, 1, 1], class_names=["a", "b", "c"])
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1) / 2)
+    assert m["macro_recall"] == pytest.approx((0.5 + 1 + 0) / 3)
+
+
+def test_balanced_accuracy_matches_sklearn_with_a_missing_class():
+    sk = pytest.importorskip("sklearn.metrics")
+    y_true, y_pred = np.array([0, 0, 1, 1, 1, 2]), np.array([0, 1, 1, 1, 0, 2])
+    m = compute_metrics(y_true, y_pred, num_classes=4)
+    assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y_true, y_pred))

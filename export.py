@@ -1,0 +1,40 @@
+"""Export a trained run as a self-contained model folder (see nanopeft/export.py for the format).
+
+    python export.py --run runs/qlora-all-linear-r64-... --out exports/cows
+    python export.py --run RUN --out DIR --dtype bfloat16              # half the size, same predictions nearly
+    python export.py --run RUN --out DIR --quantize nf4                # 4-bit, as transformers + bitsandbytes store it
+
+Load it back with `nanopeft.load_classifier(DIR)`, `predict.py --model DIR`, or (DINOv3 runs)
+`transformers.DINOv3ViTModel.from_pretrained(DIR)` for the backbone. An existing non-empty DIR is
+refused unless --overwrite; the folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nanopeft.export import EXPORT_DTYPES, export_run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder written by train.py")
+    p.add_argument("--out", required=True, help="export folder to create")
+    p.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES, help="backbone weights (head stays fp32)")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="re-quantize the merged weights")
+    p.add_argument("--weights", help="the run's backbone path, if not where the run recorded it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    args = p.parse_args(argv)
+    try:
+        out = export_run(args.run, args.out, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
+                         weights=args.weights)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}/ (config.json, model.safetensors, head.safetensors, README.md)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""export.py: the folder loads in transformers (features equal), in bitsandbytes (NF4), and as a classifier."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import export  # noqa: E402
+from nanopeft.export import export_run, load_classifier  # noqa: E402
+from nanopeft.predict import run_classifier  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def pixels(n=3, size=32, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_run, tmp_path_factory):
+    run = tiny_run("lora")
+    out = tmp_path_factory.mktemp("export") / "dense"
+    export.main(["--run", str(run), "--out", str(out)])
+    return run, out
+
+
+def test_transformers_loads_the_merged_backbone(dense):
+    transformers = pytest.importorskip("transformers")
+    run, out = dense
+    hf, info = transformers.DINOv3ViTModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ours, _ = run_classifier(run, torch.device("cpu"), torch.float32)  # what eval.py runs (merged)
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(pixel_values=x).last_hidden_state, ours.backbone(x), atol=1e-4, rtol=1e-4)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["id2label"] == {"0": "class_0", "1": "class_1", "2": "class_2"} and conf["label2id"]["class_2"] == 2
+    pre = conf["nanopeft"]["preprocessing"]
+    assert pre["image_size"] == 32 and pre["pooling"] == "cls" and pre["mean"] == [0.485, 0.456, 0.406]
+    assert hf.config.id2label[1] == "class_1"
+
+
+def test_load_classifier_logits_equal_eval(dense):
+    run, out = dense
+    model = load_classifier(out)
+    ours, saved = run_classifier(run, torch.device("cpu"), torch.float32)
+    x = pixels(4)
+    assert not model.training and model.class_names == saved["class_names"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ours(x), atol=1e-4, rtol=0)
+    card = (out / "README.md").read_text()
+    assert "class_0" in card and "validation accuracy" in card and "load_classifier" in card
+
+
+def test_nf4_export_loads_in_transformers_bitsandbytes_and_nanopeft(dense, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from nanopeft import load_dinov3
+
+    run, dense_dir = dense
+    out = tmp_path / "nf4"
+    export_run(run, out, quantize="nf4")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("layer.0.mlp.up_proj.weight").dtype == torch.uint8
+    for suffix in ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"):
+        assert f"layer.1.attention.q_proj.weight{suffix}" in keys
+    hf, info = transformers.DINOv3ViTModel.from_pretrained(out, device_map="cpu", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert sum(type(m).__name__ == "Linear4bit" for m in hf.modules()) == 14  # 7 per SwiGLU block
+    hf.train()  # bnb repacks CPU weights in eval mode (docs/NF4.md, "bitsandbytes CPU traps"): compare as stored
+    ours = load_dinov3(out)
+    assert type(ours.layer[0].attention.q_proj).__name__ == "NF4Linear"
+    for name, module in hf.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            xin = torch.randn(3, module.in_features)
+            with torch.no_grad():
+                torch.testing.assert_close(ours.get_submodule(name.removeprefix("model."))(xin), module(xin))
+    # the bytes are bitsandbytes' own quantization of the dense export
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    ref = transformers.DINOv3ViTModel.from_pretrained(dense_dir, quantization_config=cfg, device_map="cpu").train()
+    ref.save_pretrained(tmp_path / "ref")
+    with safe_open(out / "model.safetensors", "pt") as a, safe_open(tmp_path / "ref" / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    # and its classifier is the dense export's with the backbone quantized on load
+    requant = load_classifier(dense_dir)
+    requant.backbone = load_dinov3(dense_dir, quantize="nf4")
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(load_classifier(out)(x), requant(x), atol=1e-6, rtol=0)
+
+
+def test_bf16_export(dense, tmp_path):
+    run, dense_dir = dense
+    out = export_run(run, tmp_path / "bf16", dtype="bfloat16")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("layer.0.attention.q_proj.weight").dtype == torch.bfloat16
+    with safe_open(out / "head.safetensors", "pt") as f:
+        assert f.get_tensor("0.weight").dtype == torch.float32  # the head stays fp32
+    model = load_classifier(out)
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), load_classifier(dense_dir)(x), atol=0.1, rtol=0.05)
+
+
+def test_existing_folder_is_not_overwritten(dense, tmp_path, capsys):
+    run, _ = dense
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        export.main(["--run", str(run), "--out", str(out)])
+    assert "--overwrite" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep me"
+    export.main(["--run", str(run), "--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "head.safetensors",
+                                                     "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_scratch_baseline_exports_in_its_own_format(tiny_run, tmp_path):
+    run = tiny_run("resnet18")
+    out = export_run(run, tmp_path / "r18")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["nanopeft"]["kind"] == "scratch" and conf["model_type"] == "nanopeft_scratch"
+    assert "transformers cannot" in (out / "README.md").read_text()
+    model = load_classifier(out)
+    ours, _ = run_classifier(run, torch.device("cpu"), torch.float32)
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ours(x), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="--quantize nf4 applies to DINOv3"):
+        export_run(run, tmp_path / "q", quantize="nf4")
