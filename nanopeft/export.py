@@ -187,7 +187,7 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
             block["head"]["in_dim"] = model.backbone.feature_dim(cfg.pool)
             conf = _dino_files(model, tmp, cfg, saved, tdtype, quantize)
         conf["nanopeft"] = block
-        head = model.classifier if scratch else model.classifier.float()  # a scratch head runs in the trunk's dtype
+        head = model.head if scratch else model.head.float()  # a scratch head runs in the trunk's dtype
         save_file(_tensors(head), str(tmp / "head.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(run, cfg, saved, conf, out.name))
@@ -221,7 +221,7 @@ def load_classifier(directory, device="cpu", dtype=None) -> nn.Module:
         model = build_scratch(block["method"], len(names), dropout=h["dropout"], image_size=pre["image_size"])
         trunk, _ = _read(directory / "model.safetensors")
         model.backbone.load_state_dict(trunk, strict=True)
-        model.classifier.load_state_dict(head_sd, strict=True)
+        model.head.load_state_dict(head_sd, strict=True)
         model = model.to(device=device, dtype=parse_dtype(dtype) or next(iter(trunk.values())).dtype)
     else:
         backbone = load_dinov3(directory, dtype=dtype, device=device)
