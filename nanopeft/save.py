@@ -94,11 +94,24 @@ def adapter_config(model: nn.Module, *, head: bool = False, base_model_name_or_p
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp) then rename onto path: a crash mid-write never leaves a half file behind."""
+    """write(tmp), fsync, rename onto path, fsync the folder: a crash or power cut at any moment leaves
+    the old file or the new one, never half of one (without the fsyncs the rename can reach the disk
+    before the data does, and a power cut leaves an empty file under the good name)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the name points at it
+        finally:
+            os.close(fd)
         os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one, never half
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself is on disk
+        finally:
+            os.close(fd)
     finally:
         tmp.unlink(missing_ok=True)
 
