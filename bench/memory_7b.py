@@ -41,7 +41,7 @@ def checkpoint_folder(preset: str) -> Path:
 
 def measure(a) -> dict:
     from nanopeft.memory import estimate_training_memory
-    from nanopeft.nf4 import nf4_nbytes
+    from nanopeft.nf4_linear import nf4_nbytes
 
     folder = checkpoint_folder(a.preset)
     dtype = DTYPES[a.dtype]

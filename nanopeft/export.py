@@ -49,7 +49,7 @@ def base_model_id(weights: str) -> str:
 def densify(backbone: nn.Module) -> int:
     """Replace every NF4Linear left after merging (frozen runs, untargeted layers) by an nn.Linear
     holding Ŵ = dequantize(codes, absmax) in fp32: the weights the run computed with. Returns the count."""
-    from .nf4 import NF4Linear
+    from .nf4_linear import NF4Linear
 
     names = [n for n, m in backbone.named_modules() if isinstance(m, NF4Linear)]
     for name in names:
@@ -65,7 +65,7 @@ def densify(backbone: nn.Module) -> int:
 
 def requantize_blocks(backbone: nn.Module, dtype: torch.dtype) -> int:
     """Every nn.Linear inside the blocks -> NF4Linear quantized from its weight in `dtype` (compute dtype)."""
-    from .nf4 import NF4Linear
+    from .nf4_linear import NF4Linear
 
     names = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and n.startswith("layer.")]
     for name in names:

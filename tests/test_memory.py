@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from nanopeft import PRESETS, DINOv3ViT, NF4Linear, add_adapters
 from nanopeft.memory import estimate_training_memory, fewest_checkpointed_blocks, nf4_bytes
-from nanopeft.nf4 import nf4_nbytes
+from nanopeft.nf4_linear import nf4_nbytes
 
 
 def test_nf4_bytes_is_what_nf4linear_stores():
