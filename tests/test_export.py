@@ -140,3 +140,19 @@ def test_scratch_baseline_exports_in_its_own_format(tiny_run, tmp_path):
         torch.testing.assert_close(model(x), ours(x), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="--quantize nf4 applies to DINOv3"):
         export_run(run, tmp_path / "q", quantize="nf4")
+
+
+def test_predict_with_the_export_equals_predict_with_the_run(dense, tmp_path):
+    import csv
+
+    import predict
+    from nanopeft.data import make_demo_dataset
+
+    run, out = dense
+    data = make_demo_dataset(tmp_path / "imgs", num_classes=3, per_class=2, size=(40, 32), seed=3)
+    common = ["--data", str(data), "--workers", "0", "--top-k", "3"]
+    predict.main(["--model", str(out), "--out", str(tmp_path / "a.csv"), *common])
+    predict.main(["--run", str(run), "--out", str(tmp_path / "b.csv"), *common])
+    a, b = (list(csv.DictReader(open(tmp_path / n))) for n in ("a.csv", "b.csv"))
+    assert [r["label"] for r in a] == [r["label"] for r in b] and len(a) == 6
+    assert all(abs(float(x["prob"]) - float(y["prob"])) < 1e-5 for x, y in zip(a, b))
