@@ -94,9 +94,10 @@ class BitsDropout(nn.Module):
     does, so E[dropout(x)] = x. The bits are drawn 64 at a time (`random_` over the full int64 range,
     two int32 lanes each) from torch's global generator, so `torch.manual_seed` and gradient
     checkpointing's RNG replay work as for nn.Dropout; the mask *stream* differs from bernoulli_'s,
-    so the masks differ seed for seed (same distribution). Faster because it draws 4 bytes of random
-    bits per entry and compares integers, where bernoulli_ converts each draw to a float (measured:
-    docs/BENCHMARKS.md "Whole step and inference"). Backward keeps the bool mask, like nn.Dropout.
+    so the masks differ seed for seed (same distribution). Drawing the mask is cheaper (4 random bytes
+    per entry and an integer compare, where bernoulli_ converts each draw to a float), but applying it
+    costs what nn.Dropout's does, and a whole training step showed no gain (docs/BENCHMARKS.md "Whole
+    step and inference"); hence not the default. Backward keeps the bool mask, like nn.Dropout.
     """
 
     def __init__(self, p: float):
