@@ -235,8 +235,9 @@ def read_resume(out: Path) -> dict | None:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # UnpicklingError (refused globals), a torn zip, a foreign file ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: not a resume state train.py can read safely (refused: {first[:200]})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "GLOBAL" in line), lines[0])  # torch's reason, in one line
+        raise RunError(f"{path}: not a resume state train.py can read safely, refused ({why[:300]})") from None
     if not isinstance(ck, dict) or not {"trainable", "optimizer", "scaler", "state", "rng"} <= set(ck):
         raise RunError(f"{path}: not a train.py resume state (keys {sorted(ck) if isinstance(ck, dict) else type(ck)})")
     return ck
