@@ -58,6 +58,8 @@ def fail(msg: str) -> None:
     """A one-line error and exit 2: no traceback for a fault the message explains (the run folder's lock
     is released first, so a test calling main() again in the same process is not refused)."""
     unlock_run_folders()
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()  # a progress bar still drawing would take the message into its line
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
