@@ -4,14 +4,19 @@
     python train.py --preset qlora-all-linear-r64                      # one of the paper's 11 rows
     python train.py --demo                                             # whole pipeline on CPU, no download
     python train.py --dry-run --method lora --rank 16                  # counts + memory estimate, no weights
+    python train.py --resume runs/RUN                                  # continue a stopped or killed run
     torchrun --nproc_per_node 4 train.py ...                           # same global batch on 4 GPUs
 
 The step, in the order it happens (nanoGPT style, all visible in main()):
     micro-batch ─► autocast forward ─► loss / group size ─► backward   (× grad_accum)
     ─► lr = get_lr(step) ─► unscale ─► clip ─► AdamW step ─► zero_grad
     epoch end ─► validation accuracy ─► keep the best adapter ─► early stop ─► resumable checkpoint
+    (a checkpoint also every --ckpt-every steps; a NaN/inf loss stops the run before anything of it is saved)
 Everything around it is a small named helper below: the config (flags, --resume, --demo), the system
 (processes, device, precision), data, model, and the run folder (nanopeft/run.py).
+
+Killed at any moment, `python train.py --resume RUN` continues from the last checkpoint and ends with the
+same adapter, bit for bit, as a run never interrupted (docs/RELIABILITY.md lists what was tried).
 """
 
 from __future__ import annotations
@@ -201,7 +206,9 @@ def setup_system(cfg: TrainConfig) -> System:
     return System(rank, world, local, device, autocast_dtype(device, cfg.precision))
 
 
-def check_inputs(cfg: TrainConfig) -> None:
+def check_inputs(cfg: TrainConfig, args, system: System) -> None:
+    """Everything that can be refused before the slow work (reading the images, loading the backbone):
+    the data and weights exist, the flags that need the backbone fit it, the run folder is free."""
     if cfg.method in DINO_METHODS and not Path(cfg.weights).exists():
         fail(f"no DINOv3 backbone at {cfg.weights}. Download it (gated: accept the licence first): "
              f"huggingface-cli download facebook/dinov3-vit7b16-pretrain-lvd1689m --local-dir {cfg.weights} "
@@ -211,6 +218,7 @@ def check_inputs(cfg: TrainConfig) -> None:
              f"(data/Lying/*.jpg, data/Standing/*.jpg, ...) or a CSV manifest path,label[,source], "
              f"or pass --data PATH")
     check_model_flags(cfg)
+    claim_run_folder(cfg, args, system)
 
 
 def check_model_flags(cfg: TrainConfig) -> None:
@@ -388,14 +396,31 @@ def checkpoint(out: Path, cfg: TrainConfig, system: System, model, optimizer, sc
     return out
 
 
-def save_best(model, cfg: TrainConfig, out: Path, state: dict) -> None:
-    """The best epoch's adapter/ (finite weights only); a failed write is a one-line error naming the file."""
+def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict) -> None:
+    """The best epoch's adapter/ (rank 0; finite weights only); a failed write is a one-line error naming the file."""
+    if not system.master:
+        return
     check_finite_weights(model, state, out)
     try:
         save_run_weights(model, cfg, out / "adapter")
     except (OSError, RuntimeError) as e:
         fail(f"cannot write {out / 'adapter'}: {getattr(e, 'strerror', None) or str(e).splitlines()[-1]} "
              f"(disk full?); the previous checkpoint is kept")
+
+
+def count_skipped_step(scaler, scale_before: float, state: dict, log: RunLog) -> None:
+    """fp16: GradScaler skipped this step when it lowered its scale (the gradients held an inf or NaN);
+    counted in resume.pt's state and summary.json, and each one a line in train.log."""
+    if scaler.get_scale() < scale_before:
+        state["skipped_steps"] += 1
+        log.say(f"step {state['step']}: fp16 overflow, step skipped ({state['skipped_steps']} so far)")
+
+
+def finite_loss(loss: float, state: dict, out: Path) -> float:
+    """The step's loss, or a stop naming the step if it is NaN or inf."""
+    if not math.isfinite(loss):
+        numerical_fault(state, f"the loss is {loss}", out)
+    return loss
 
 
 def check_finite_weights(model, state: dict, out: Path) -> None:
@@ -453,8 +478,7 @@ def main(argv=None) -> dict:
         return dry_run(cfg)
     system = setup_system(cfg)
     device, amp, world = system.device, system.amp, system.world
-    check_inputs(cfg)
-    claim_run_folder(cfg, args, system)
+    check_inputs(cfg, args, system)
     data = make_loaders(cfg, system.rank, world)
     model, wrapped = build_model(cfg, system, len(data.class_names))
     counts = count_params(model)
@@ -500,18 +524,14 @@ def main(argv=None) -> dict:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             scale = scaler.get_scale()
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # fp16: skipped if the gradients overflowed (the scale is then halved)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as we can
-            if scaler.get_scale() < scale:  # fp16 overflow: GradScaler skipped the step and halved its scale
-                state["skipped_steps"] += 1
-                log.say(f"step {state['step']}: fp16 overflow, step skipped ({state['skipped_steps']} so far)")
+            count_skipped_step(scaler, scale, state, log)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ips = seen / (time.perf_counter() - t0)
-            loss_val = all_sum([running], device)[0] / world
-            if not math.isfinite(loss_val):
-                numerical_fault(state, f"the loss is {loss_val}", out)
+            loss_val = finite_loss(all_sum([running], device)[0] / world, state, out)
             log.record(step=state["step"], epoch=epoch, loss=loss_val, lr=lr, images_per_s=ips)
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
             state["step"] += 1
@@ -534,8 +554,7 @@ def main(argv=None) -> dict:
         improved = val_acc > state["best_val"] + cfg.min_delta
         if improved:
             state.update(best_val=val_acc, best_epoch=epoch + 1, bad_epochs=0)
-            if system.master:
-                save_best(model, cfg, out, state)
+            save_best(model, cfg, system, out, state)
         else:
             state["bad_epochs"] += 1
         log.record(epoch=epoch + 1, val_accuracy=val_acc, peak_memory_mb=peak_memory_mb(device),

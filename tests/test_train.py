@@ -191,8 +191,8 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path, data, weights):
            str(ROOT / "train.py"), "--out", str(ddp), *common]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = torch.load(single / "resume.pt", weights_only=False)["trainable"]
-    b = torch.load(ddp / "resume.pt", weights_only=False)["trainable"]
+    a = torch.load(single / "resume.pt", weights_only=True)["trainable"]
+    b = torch.load(ddp / "resume.pt", weights_only=True)["trainable"]
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
