@@ -19,7 +19,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from nanopeft.data import make_demo_dataset  # noqa: E402
 from nanopeft.run import lock_path, read_resume, staging_path  # noqa: E402
 
 # 29 training images × 3 per epoch = 11 micro-batches of 8 = 6 steps of 2 (the last one short); checkpoints
@@ -33,9 +32,8 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # s
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_demo_dataset(tmp_path_factory.mktemp("data") / "train", num_classes=3, per_class=12,
-                             size=(40, 32), seed=0)
+def data(train_images):
+    return train_images
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from nanopeft.config import TrainConfig  # noqa: E402
-from nanopeft.data import make_demo_dataset  # noqa: E402
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0", "--lr", "1e-3",
         "--eval-batch-size", "32", "--rank", "4"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_demo_dataset(tmp_path_factory.mktemp("data") / "train", num_classes=3, per_class=12,
-                             size=(40, 32), seed=0)
+def data(train_images):
+    return train_images
 
 
 @pytest.fixture(scope="module")
