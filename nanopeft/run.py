@@ -114,7 +114,10 @@ def clean_stale_files(out: Path) -> None:
         if folder.is_dir():
             for tmp in folder.glob(".*.tmp-*"):
                 tmp.unlink(missing_ok=True)
-    shutil.rmtree(staging_path(out), ignore_errors=True)
+    staging = staging_path(out)
+    if staging.is_dir() and not out.exists() and (staging / "resume.pt").is_file():
+        os.replace(staging, out)  # killed between swap_in's two renames: finish the swap
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def staging_path(out: Path) -> Path:
@@ -250,6 +253,11 @@ def load_resume(out: Path, model: nn.Module, optimizer, scaler, state: dict) -> 
     ck = read_resume(out)
     if ck is None:
         return False
+    want = {file_key(n) for n, p in model.named_parameters() if p.requires_grad}
+    if set(ck["trainable"]) != want:  # load_state_dict(strict=False) below would skip them silently
+        odd = sorted(set(ck["trainable"]) ^ want)
+        raise RunError(f"{out / 'resume.pt'} does not fit this model: {len(odd)} trainable tensor(s) differ, "
+                       f"e.g. {odd[0]!r}")
     try:
         model.load_state_dict(ck["trainable"], strict=False)
         optimizer.load_state_dict(ck["optimizer"])
