@@ -4,14 +4,19 @@
     python train.py --preset qlora-all-linear-r64                      # one of the paper's 11 rows
     python train.py --demo                                             # whole pipeline on CPU, no download
     python train.py --dry-run --method lora --rank 16                  # counts + memory estimate, no weights
+    python train.py --resume runs/RUN                                  # continue a stopped or killed run
     torchrun --nproc_per_node 4 train.py ...                           # same global batch on 4 GPUs
 
 The step, in the order it happens (nanoGPT style, all visible in main()):
     micro-batch ─► autocast forward ─► loss / group size ─► backward   (× grad_accum)
     ─► lr = get_lr(step) ─► unscale ─► clip ─► AdamW step ─► zero_grad
     epoch end ─► validation accuracy ─► keep the best adapter ─► early stop ─► resumable checkpoint
+    (a checkpoint also every --ckpt-every steps; a NaN/inf loss stops the run before anything of it is saved)
 Everything around it is a small named helper below: the config (flags, --resume, --demo), the system
 (processes, device, precision), data, model, and the run folder (nanopeft/run.py).
+
+Killed at any moment, `python train.py --resume RUN` continues from the last checkpoint and ends with the
+same adapter, bit for bit, as a run never interrupted (docs/RELIABILITY.md lists what was tried).
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from nanopeft.build import build_classifier
 from nanopeft.config import ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args
 from nanopeft.device import autocast, autocast_dtype, peak_memory_mb, resolve_device, threads_beside_workers
 from nanopeft.distributed import all_sum
-from nanopeft.run import (RunError, RunLog, check_new_run_folder, load_resume, new_state, read_run_config,
-                          run_folder, run_name, save_resume, save_run_weights, write_run_config, write_summary)
+from nanopeft.run import (RunError, RunLog, check_new_run_folder, clean_stale_files, load_resume, lock_run_folder,
+                          new_state, read_resume, read_run_config, run_folder, run_name, save_resume,
+                          save_run_weights, staging_path, swap_in, unlock_run_folders, write_run_config,
+                          write_summary)
 
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -53,6 +60,11 @@ def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 
 def fail(msg: str) -> None:
+    """A one-line error and exit 2: no traceback for a fault the message explains (the run folder's lock
+    is released first, so a test calling main() again in the same process is not refused)."""
+    unlock_run_folders()
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()  # a progress bar still drawing would take the message into its line
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -66,7 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--list-presets", action="store_true", help="the paper's 11 runs with their counts")
     parser.add_argument("--demo", action="store_true", help="generate a tiny random DINOv3 + image data "
                         "set and run the whole pipeline on CPU")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder where it stopped")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder where it stopped (its last "
+                        "checkpoint; runtime flags such as --workers may be given again); a finished run: nothing to do")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (only once the "
+                        "new run has written its first checkpoint: a run that fails to start leaves the old one)")
     return parser.parse_args(argv)
 
 
@@ -78,7 +93,10 @@ def run_config(args) -> TrainConfig:
         if args.list_presets:
             return cfg  # the listing needs nothing more
         if args.resume:
+            if args.overwrite:
+                raise ValueError("--resume continues a run and --overwrite replaces one: pass only one of them")
             cfg = resumed_config(args)
+            exit_if_complete(cfg)
         if args.demo:
             cfg = demo_config(args, cfg)
         return cfg.resolved()
@@ -86,12 +104,38 @@ def run_config(args) -> TrainConfig:
         fail(str(e))
 
 
+# Flags --resume accepts with a new value: where and how fast the run computes, and when it ends. Any other
+# flag would silently make the resumed run a different one than the checkpoint's (say a new --lr).
+RESUME_FLAGS = ("workers", "device", "eval_batch_size", "data", "weights", "skip_bad", "ckpt_every", "epochs",
+                "max_steps", "patience", "min_delta")
+
+
 def resumed_config(args) -> TrainConfig:
-    """--resume RUN: the config saved in RUN/config.json; flags given now win (e.g. a larger --epochs)."""
+    """--resume RUN: the config saved in RUN/config.json; the runtime flags given now win (e.g. --workers,
+    a larger --epochs). Another flag whose value differs from the saved one is refused."""
     saved, _ = read_run_config(args.resume, flag="--resume")
     given = {k: v for k, v in vars(config_from_args(args)).items()
              if getattr(args, k, None) is not None and k != "out"}
+    changed = [k for k, v in given.items() if k not in RESUME_FLAGS and
+               dataclasses.replace(saved, **{k: v}).resolved() != saved.resolved()]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise ValueError(f"--resume {args.resume}: {flags} differ(s) from the run's config.json; a resumed run keeps "
+                         f"its settings (only {', '.join('--' + k.replace('_', '-') for k in RESUME_FLAGS)} may "
+                         f"change): start a new run for other settings")
     return dataclasses.replace(saved, **given, out=args.resume)
+
+
+def exit_if_complete(cfg: TrainConfig) -> None:
+    """--resume on a finished run: say so and exit 0, touching nothing (so scripts may resume in a loop).
+    Finished means the loop would end at once: every epoch done, or early-stopped (raise --epochs or
+    --patience to train further)."""
+    ck = read_resume(Path(cfg.out))
+    s = ck["state"] if ck else None
+    if s and s["finished"] and (s["epoch"] >= cfg.epochs or s["bad_epochs"] >= cfg.patience):
+        print(f"--resume {cfg.out}: the run is complete ({s['epoch']} epochs, {s['step']} steps, best val accuracy "
+              f"{s['best_val']:.4f} at epoch {s['best_epoch']}); nothing to do")
+        sys.exit(0)
 
 
 def demo_config(args, cfg: TrainConfig) -> TrainConfig:
@@ -162,7 +206,9 @@ def setup_system(cfg: TrainConfig) -> System:
     return System(rank, world, local, device, autocast_dtype(device, cfg.precision))
 
 
-def check_inputs(cfg: TrainConfig) -> None:
+def check_inputs(cfg: TrainConfig, args, system: System) -> None:
+    """Everything that can be refused before the slow work (reading the images, loading the backbone):
+    the data and weights exist, the flags that need the backbone fit it, the run folder is free."""
     if cfg.method in DINO_METHODS and not Path(cfg.weights).exists():
         fail(f"no DINOv3 backbone at {cfg.weights}. Download it (gated: accept the licence first): "
              f"huggingface-cli download facebook/dinov3-vit7b16-pretrain-lvd1689m --local-dir {cfg.weights} "
@@ -171,6 +217,45 @@ def check_inputs(cfg: TrainConfig) -> None:
         fail(f"no training images at {cfg.data}. Put one sub-folder per class there "
              f"(data/Lying/*.jpg, data/Standing/*.jpg, ...) or a CSV manifest path,label[,source], "
              f"or pass --data PATH")
+    check_model_flags(cfg)
+    claim_run_folder(cfg, args, system)
+
+
+def check_model_flags(cfg: TrainConfig) -> None:
+    """The flags that need the backbone's config, checked before anything heavy: --weights is a DINOv3
+    checkpoint (headers only), --image-size a multiple of its patch size, --targets matches layers of the
+    model (built on the meta device: no weights)."""
+    from nanopeft.checkpoint import CheckpointError, open_checkpoint
+
+    patch = 16 if cfg.method == "vit-small" else None  # resnet18 takes any size
+    if cfg.method in DINO_METHODS:
+        try:
+            patch = open_checkpoint(cfg.weights)[1].patch_size
+        except (FileNotFoundError, CheckpointError, ValueError) as e:
+            fail(f"--weights {cfg.weights} is not a DINOv3 checkpoint: {str(e).splitlines()[0]}")
+    if patch and cfg.image_size % patch:
+        fail(f"--image-size {cfg.image_size} is not a multiple of the patch size {patch} "
+             f"(try {max(patch, round(cfg.image_size / patch) * patch)})")
+    if cfg.method in ADAPTER_METHODS:
+        try:
+            build_classifier(cfg, cfg.num_classes or 2, torch.device("cpu"), meta=True)
+        except ValueError as e:
+            fail(f"--targets {cfg.to_dict()['targets']}: {e}")
+
+
+def claim_run_folder(cfg: TrainConfig, args, system: System) -> None:
+    """Before any heavy work: --out named (cfg.out), this process its only writer (the lock: a second
+    train.py on it stops here) and the folder usable as asked (a new run: empty, or --overwrite)."""
+    out = run_folder(cfg)
+    if not system.master:
+        return
+    try:
+        lock_run_folder(out)
+        clean_stale_files(out)
+        if not args.resume:
+            check_new_run_folder(out, overwrite=args.overwrite)
+    except RunError as e:
+        fail(str(e))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -183,6 +268,7 @@ class Data:
     class_names: list[str]
     n_train: int
     n_val: int
+    skipped: list[str] = dataclasses.field(default_factory=list)  # --skip-bad: "skipped <path>: <reason>"
 
 
 def make_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
@@ -194,7 +280,8 @@ def make_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
 
 
 def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
-    from nanopeft.data import ImageDataset, check_images, scan_dataset, stratified_split
+    from nanopeft.data import ImageDataset, check_images, describe_unreadable, scan_dataset, skip_unreadable, \
+        stratified_split
     from nanopeft.distributed import MicroBatchSampler
 
     items, class_names = scan_dataset(cfg.data)
@@ -205,10 +292,7 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
         fail(f"unreadable image {path} ({reason}); {len(bad)} bad file(s) in all. "
              f"Fix or remove them, or pass --skip-bad")
     if bad:
-        skip = {str(p) for p, _ in bad}
-        train_items = [s for s in train_items if str(s.path) not in skip]
-        val_items = [s for s in val_items if str(s.path) not in skip]
-        print(f"skipping {len(bad)} unreadable image(s) (--skip-bad)")
+        train_items, val_items = skip_unreadable(train_items, bad), skip_unreadable(val_items, bad)
     train_ds = ImageDataset(train_items, image_size=cfg.image_size, multiplier=cfg.multiplier,
                             strength=cfg.augment, seed=cfg.seed)
     val_ds = ImageDataset(val_items, image_size=cfg.image_size)
@@ -221,7 +305,8 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     val_idx = list(range(rank, len(val_ds), world))  # each rank a share; accuracy is summed over ranks
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, val_idx),
                                              batch_size=cfg.eval_batch_size, **kw)
-    return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items))
+    return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items),
+                describe_unreadable(bad))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -235,7 +320,9 @@ def build_model(cfg: TrainConfig, system: System, num_classes: int) -> tuple[nn.
         model = build_classifier(cfg, num_classes, system.device,
                                  dtype=system.amp if system.amp is not None else torch.float32)
     except (FileNotFoundError, CheckpointError) as e:
-        fail(f"cannot load the backbone from {cfg.weights}: {e}")
+        fail(f"--weights {cfg.weights}: cannot load the backbone: {e}")
+    except ValueError as e:  # what check_model_flags could not see (e.g. a scratch model's own checks)
+        fail(str(e))
     if system.world == 1:
         return model, model
     # broadcast_buffers=False: the NF4 codes are buffers, identical on every rank
@@ -259,20 +346,95 @@ def evaluate(model, loader, device, amp) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- run folder
 def open_run(cfg: TrainConfig, args, system: System, model, optimizer, scaler, data: Data,
              counts: dict) -> tuple[Path, dict, RunLog]:
-    """The run folder (a new one, never over a non-empty folder; or --resume's, its state loaded into
-    model, optimizer and scaler), config.json written, and the log opened. Returns (folder, loop state, log)."""
-    out, state = run_folder(cfg), new_state()
+    """The run folder (claimed by claim_run_folder; --resume's with its last checkpoint loaded into model,
+    optimizer and scaler, or from the beginning if it has none yet; --overwrite's a hidden sibling until the
+    first checkpoint), config.json written, and the log opened (metrics.jsonl cut back to the checkpoint).
+    Returns (the folder written now, loop state, log)."""
+    out, state, note = Path(cfg.out), new_state(), None
     try:
         if args.resume:
-            load_resume(out, model, optimizer, scaler, state, more_epochs=bool(args.epochs))
-        elif system.master:
-            check_new_run_folder(out)
+            note = (f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, micro-batch "
+                    f"{state['batches_done']})" if load_resume(out, model, optimizer, scaler, state)
+                    else f"--resume {out}: no checkpoint yet, starting from the beginning")
     except RunError as e:
         fail(str(e))
+    if system.master and args.overwrite and out.is_dir() and any(out.iterdir()):
+        out = staging_path(out)
+        note = f"--overwrite: training in {out}, which replaces {cfg.out} at the first checkpoint"
     if system.master:
-        write_run_config(out, cfg, class_names=data.class_names, parameters=counts, world_size=system.world,
-                         n_train=data.n_train, n_val=data.n_val)
-    return out, state, RunLog(out, system.master)
+        try:
+            write_run_config(out, cfg, class_names=data.class_names, parameters=counts, world_size=system.world,
+                             n_train=data.n_train, n_val=data.n_val)
+        except OSError as e:
+            fail(f"cannot write {out / 'config.json'}: {e.strerror or e}")
+    log = RunLog(out, system.master, metrics_bytes=state["metrics_bytes"])
+    if note:
+        log.say(note)
+    for line in data.skipped:
+        log.say(line)
+    return out, state, log
+
+
+def checkpoint(out: Path, cfg: TrainConfig, system: System, model, optimizer, scaler, state: dict,
+               log: RunLog) -> Path:
+    """resume.pt now (rank 0), recording metrics.jsonl's length; never of non-finite weights (they would
+    replace the last good checkpoint). Under --overwrite the first one swaps the new run into --out, so the
+    old run is deleted only once the new one can resume. Returns the run folder (moved by that swap)."""
+    if not system.master:
+        return out
+    check_finite_weights(model, state, out)
+    state["metrics_bytes"] = log.metrics_bytes()
+    try:
+        save_resume(out, model, optimizer, scaler, state)
+    except RunError as e:
+        log.say(f"error: {e}")
+        fail(str(e))
+    if out != Path(cfg.out):
+        swap_in(out, Path(cfg.out))
+        out = Path(cfg.out)
+        log.say(f"--overwrite: the new run replaced {out}")
+    return out
+
+
+def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict) -> None:
+    """The best epoch's adapter/ (rank 0; finite weights only); a failed write is a one-line error naming the file."""
+    if not system.master:
+        return
+    check_finite_weights(model, state, out)
+    try:
+        save_run_weights(model, cfg, out / "adapter")
+    except (OSError, RuntimeError) as e:
+        fail(f"cannot write {out / 'adapter'}: {getattr(e, 'strerror', None) or str(e).splitlines()[-1]} "
+             f"(disk full?); the previous checkpoint is kept")
+
+
+def count_skipped_step(scaler, scale_before: float, state: dict, log: RunLog) -> None:
+    """fp16: GradScaler skipped this step when it lowered its scale (the gradients held an inf or NaN);
+    counted in resume.pt's state and summary.json, and each one a line in train.log."""
+    if scaler.get_scale() < scale_before:
+        state["skipped_steps"] += 1
+        log.say(f"step {state['step']}: fp16 overflow, step skipped ({state['skipped_steps']} so far)")
+
+
+def finite_loss(loss: float, state: dict, out: Path) -> float:
+    """The step's loss, or a stop naming the step if it is NaN or inf."""
+    if not math.isfinite(loss):
+        numerical_fault(state, f"the loss is {loss}", out)
+    return loss
+
+
+def check_finite_weights(model, state: dict, out: Path) -> None:
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        numerical_fault(state, f"the weight {bad[0]} is not finite", out)
+
+
+def numerical_fault(state: dict, what: str, out: Path) -> None:
+    """A NaN/inf loss or weight: stop before anything of it is saved; the last checkpoint and the best adapter
+    stay as they are (and still load)."""
+    kept = [str(out / f) for f in ("resume.pt", "adapter") if (out / f).exists()]
+    fail(f"step {state['step']}: {what}; training stopped (try a lower --lr). "
+         f"{'Kept: ' + ', '.join(kept) if kept else 'No checkpoint was written yet'}")
 
 
 def log_setup(log: RunLog, cfg: TrainConfig, system: System, scaler, data: Data, counts: dict,
@@ -293,11 +455,13 @@ def finish_run(out: Path, cfg: TrainConfig, args, system: System, state: dict, c
                elapsed: float) -> dict:
     summary = {"run": str(out), "method": cfg.method, "best_val_accuracy": state["best_val"],
                "best_epoch": state["best_epoch"], "steps": state["step"], "train_time_s": elapsed,
-               "trainable_parameters": counts["trainable"], "peak_memory_mb": peak_memory_mb(system.device)}
+               "trainable_parameters": counts["trainable"], "peak_memory_mb": peak_memory_mb(system.device),
+               "skipped_steps": state["skipped_steps"]}
     if system.master:
         log.say(write_summary(out, summary))
         log.say(f"evaluate: python eval.py --run {out} --data {getattr(args, 'demo_test', None) or 'TEST_DIR'}")
         log.close()
+        unlock_run_folders()
     if system.world > 1:  # leave together: rank 0 may still be writing files, and a rank that tears gloo
         torch.distributed.barrier()  # down while its peer is busy can abort ("terminate called ...")
         torch.distributed.destroy_process_group()
@@ -314,7 +478,7 @@ def main(argv=None) -> dict:
         return dry_run(cfg)
     system = setup_system(cfg)
     device, amp, world = system.device, system.amp, system.world
-    check_inputs(cfg)
+    check_inputs(cfg, args, system)
     data = make_loaders(cfg, system.rank, world)
     model, wrapped = build_model(cfg, system, len(data.class_names))
     counts = count_params(model)
@@ -359,25 +523,28 @@ def main(argv=None) -> dict:
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            scaler.step(optimizer)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # fp16: skipped if the gradients overflowed (the scale is then halved)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as we can
+            count_skipped_step(scaler, scale, state, log)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ips = seen / (time.perf_counter() - t0)
-            loss_val = all_sum([running], device)[0] / world
+            loss_val = finite_loss(all_sum([running], device)[0] / world, state, out)
             log.record(step=state["step"], epoch=epoch, loss=loss_val, lr=lr, images_per_s=ips)
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
             state["step"] += 1
             state["batches_done"] = i + 1
             t0, seen, running = time.perf_counter(), 0, 0.0
+            if cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0 and i + 1 < micro_per_epoch:
+                out = checkpoint(out, cfg, system, model, optimizer, scaler, state, log)
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 stop = True
                 break
         bar.close()
         if stop and state["batches_done"] < micro_per_epoch:
-            if system.master:  # mid-epoch: --resume continues from this exact micro-batch
-                save_resume(out, model, optimizer, scaler, state)
+            out = checkpoint(out, cfg, system, model, optimizer, scaler, state, log)  # mid-epoch: resumes here
             log.say(f"stopped after {state['step']} steps (--max-steps); resume with --resume {out}")
             break
         # ------------------------------------------------------------ epoch end
@@ -387,8 +554,7 @@ def main(argv=None) -> dict:
         improved = val_acc > state["best_val"] + cfg.min_delta
         if improved:
             state.update(best_val=val_acc, best_epoch=epoch + 1, bad_epochs=0)
-            if system.master:
-                save_run_weights(model, cfg, out / "adapter")
+            save_best(model, cfg, system, out, state)
         else:
             state["bad_epochs"] += 1
         log.record(epoch=epoch + 1, val_accuracy=val_acc, peak_memory_mb=peak_memory_mb(device),
@@ -399,12 +565,14 @@ def main(argv=None) -> dict:
             log.say(f"early stop: no improvement for {cfg.patience} epochs")
             stop = True
         state["finished"] = state["bad_epochs"] >= cfg.patience or epoch + 1 == cfg.epochs
-        if system.master:
-            save_resume(out, model, optimizer, scaler, state)
+        out = checkpoint(out, cfg, system, model, optimizer, scaler, state, log)
         if stop:
             break
     return finish_run(out, cfg, args, system, state, counts, log, time.perf_counter() - t_start)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RunError as e:  # a run folder file that cannot be written or read, wherever it happens
+        fail(str(e))

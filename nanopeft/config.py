@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -182,6 +183,8 @@ class TrainConfig:
     out: str = ""                     # run folder; "" = runs/<preset-or-method>-<time>
     preset: str = ""                  # one of the paper's rows (PAPER_RUNS); flags given explicitly win
     num_classes: int = 0              # 0 = from the data (--dry-run without data: 9)
+    # reliability
+    ckpt_every: int = 0               # also write resume.pt every N optimizer steps (0 = at each epoch end only)
 
     def resolved(self) -> "TrainConfig":
         """Check every choice and turn the text of flags and config.json into the values the code uses,
@@ -197,10 +200,9 @@ class TrainConfig:
         for name in ("rank", "epochs", "batch_size", "grad_accum", "multiplier", "image_size", "eval_batch_size"):
             if getattr(c, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-        if not 0.0 < c.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
         c.alpha = 2.0 * c.rank if c.alpha is None else c.alpha
         c.dropout = (0.1 if c.rank <= 8 else 0.05) if c.dropout is None else c.dropout
+        check_ranges(c)
         c.targets = _parse_targets(c.targets)
         for name in ROPE_FIELDS:
             setattr(c, name, _parse_rope(getattr(c, name), "--" + name.replace("_", "-")))
@@ -219,6 +221,31 @@ class TrainConfig:
 
 
 ROPE_FIELDS = ("rope_rescale", "rope_shift", "rope_jitter")
+
+# The numeric flags' valid ranges, as (low, low inclusive, high, high inclusive): a value outside is a
+# one-line error naming the flag before anything runs (a dropout of 1.5 or an alpha of 0 would otherwise
+# train silently into nonsense or fail deep inside a layer). Written so that NaN fails every comparison.
+RANGES = {
+    "alpha": (0.0, False, math.inf, False), "dropout": (0.0, True, 1.0, False),
+    "head_dropout": (0.0, True, 1.0, False), "lr": (0.0, False, math.inf, False),
+    "weight_decay": (0.0, True, math.inf, False), "label_smoothing": (0.0, True, 1.0, False),
+    "warmup_ratio": (0.0, True, 1.0, True), "min_lr_ratio": (0.0, True, 1.0, True),
+    "grad_clip": (0.0, True, math.inf, False), "min_delta": (0.0, True, math.inf, False),
+    "val_fraction": (0.0, False, 1.0, False), "patience": (1, True, math.inf, False),
+    "max_steps": (0, True, math.inf, False), "ckpt_every": (0, True, math.inf, False),
+    "workers": (0, True, math.inf, False), "num_classes": (0, True, math.inf, False),
+}
+
+
+def check_ranges(c: "TrainConfig") -> None:
+    """ValueError naming the flag of the first numeric field outside its RANGES."""
+    for name, (lo, lo_in, hi, hi_in) in RANGES.items():
+        v = getattr(c, name)
+        inside = isinstance(v, (int, float)) and not isinstance(v, bool) and \
+            (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+        if not inside:
+            interval = f"{'[' if lo_in else '('}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{']' if hi_in else ')'}"
+            raise ValueError(f"--{name.replace('_', '-')} must be in {interval}, got {v!r}")
 
 
 def _parse_targets(targets):

@@ -9,13 +9,19 @@
         resume.pt        trainable tensors, optimizer, GradScaler, loop state, RNG: --resume continues here
         summary.json     best validation accuracy, steps, time, trainable parameters, peak memory
 
-Written by rank 0 only; resume.pt and the adapter are replaced atomically, so a crash never leaves half
-a file. A folder that is not empty is never trained into, except by --resume.
+Written by rank 0 only. Every file is replaced atomically (save.atomic_write: temporary + fsync + rename),
+so a crash never leaves half a file where a good one was; metrics.jsonl, appended line by line, is cut back
+on --resume to its length at the checkpoint (resume.pt records it), so a torn or replayed line never
+survives. A folder that is not empty is never trained into, except by --resume or --overwrite (which trains
+into a hidden sibling and swaps it in at the first checkpoint: a run that fails to start leaves the old one
+whole). One train.py at a time per folder: an flock on the hidden sibling `.NAME.lock`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -49,9 +55,85 @@ def run_folder(cfg: TrainConfig) -> Path:
     return out
 
 
-def check_new_run_folder(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise RunError(f"run folder {out} already exists and is not empty: choose another --out or --resume it")
+def check_new_run_folder(out: Path, overwrite: bool = False) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+    if not overwrite and out.exists() and any(out.iterdir()):
+        raise RunError(f"run folder {out} already exists and is not empty: pass --resume {out} to continue it, "
+                       f"--overwrite to replace it, or choose another --out")
+
+
+# ------------------------------------------------------------------------------------------ one writer
+_held: dict[str, int] = {}  # lock file -> its open descriptor, while this process holds it
+
+
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def lock_run_folder(out: Path) -> None:
+    """Hold an exclusive flock on `.NAME.lock` beside the run folder until unlock_run_folders() or the
+    process ends (the kernel drops it even on SIGKILL, so a stale file never blocks). A second train.py on
+    the same --out gets a RunError before it reads or writes anything. The file records the holder's pid."""
+    import fcntl
+
+    path = lock_path(out)
+    if str(path) in _held:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"--out {out}: another train.py (pid {pid}) is using this run folder "
+                           f"(it holds {path}); wait for it to end or choose another --out") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break  # the file we locked is still the one under that name (a releaser may have unlinked it)
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[str(path)] = fd
+
+
+def unlock_run_folders() -> None:
+    """Release every lock this process holds (the file is removed first, then unlocked)."""
+    for path, fd in list(_held.items()):
+        Path(path).unlink(missing_ok=True)
+        os.close(fd)
+        del _held[path]
+
+
+def clean_stale_files(out: Path) -> None:
+    """Remove what a killed run left: atomic_write's temporaries (`.NAME.tmp-PID`) inside the folder and
+    its adapter/, and a hidden `.NAME.new` sibling of an --overwrite that never reached its first
+    checkpoint. Called with the folder's lock held, so no live writer owns them."""
+    for folder in (out, out / "adapter"):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+    staging = staging_path(out)
+    if staging.is_dir() and not out.exists() and (staging / "resume.pt").is_file():
+        os.replace(staging, out)  # killed between swap_in's two renames: finish the swap
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def staging_path(out: Path) -> Path:
+    """Where --overwrite trains until its first checkpoint: a hidden sibling of the run folder."""
+    return out.parent / f".{out.name}.new"
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """--overwrite, at the new run's first checkpoint: the old folder goes aside, the new one takes its name,
+    then the old one is deleted. Open files (train.log, metrics.jsonl) follow the rename."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_run_config(out: Path, cfg: TrainConfig, *, class_names: list[str], parameters: dict,
@@ -76,23 +158,41 @@ def read_run_config(run, flag: str = "--run") -> tuple[TrainConfig, dict]:
 
 
 class RunLog:
-    """train.log (what the run prints) and metrics.jsonl (one JSON object a line); rank 0 only writes."""
+    """train.log (what the run prints) and metrics.jsonl (one JSON object a line); rank 0 only writes.
+    metrics_bytes: metrics.jsonl is cut to this length first (--resume: its length at the checkpoint, so
+    the rows written after it, maybe a torn last one, go; they are written again as the run replays)."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, metrics_bytes: int = 0):
         self.enabled = enabled
         self.log = open(out / "train.log", "a") if enabled else None
         self.metrics = open(out / "metrics.jsonl", "a") if enabled else None
+        if enabled and self.metrics.tell() > metrics_bytes:
+            self.metrics.truncate(metrics_bytes)
+
+    def metrics_bytes(self) -> int:
+        """metrics.jsonl's length now, every row written (recorded in each checkpoint)."""
+        if not self.enabled:
+            return 0
+        self.metrics.flush()
+        os.fsync(self.metrics.fileno())  # the rows a checkpoint counts are on disk before it is
+        return self.metrics.tell()
 
     def say(self, msg: str) -> None:
         if self.enabled:
             tqdm.write(msg)
-            self.log.write(msg + "\n")
-            self.log.flush()
+            self._write(self.log, msg + "\n")
 
     def record(self, **row) -> None:
         if self.enabled:
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
+            self._write(self.metrics, json.dumps(row) + "\n")
+
+    @staticmethod
+    def _write(f, text: str) -> None:
+        try:
+            f.write(text)
+            f.flush()
+        except OSError as e:  # disk full: a RunError naming the file (train.py prints it in one line)
+            raise write_failed(Path(f.name), e) from None
 
     def close(self) -> None:
         if self.enabled:
@@ -102,36 +202,73 @@ class RunLog:
 
 # ------------------------------------------------------------------------------------------ resume.pt
 def new_state() -> dict:
-    """The training loop's position and early-stopping record (saved in resume.pt)."""
-    return dict(step=0, epoch=0, batches_done=0, best_val=-1.0, best_epoch=-1, bad_epochs=0, finished=False)
+    """The training loop's position and early-stopping record (saved in resume.pt): metrics_bytes is
+    metrics.jsonl's length at the checkpoint, skipped_steps the fp16 steps GradScaler skipped."""
+    return dict(step=0, epoch=0, batches_done=0, best_val=-1.0, best_epoch=-1, bad_epochs=0, finished=False,
+                metrics_bytes=0, skipped_steps=0)
+
+
+def write_failed(path: Path, e: Exception) -> RunError:
+    """A write that failed (disk full, quota, file size limit, I/O error) as a one-line error naming the file."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+    return RunError(f"cannot write {path}: {reason} (disk full?); the previous checkpoint is kept")
 
 
 def save_resume(out: Path, model: nn.Module, optimizer, scaler, state: dict) -> None:
     """Everything --resume needs to continue bit for bit: the trainable tensors (the frozen base is
-    rebuilt from the weights), optimizer and GradScaler state, loop state, CPU and CUDA RNG."""
+    rebuilt from the weights), optimizer and GradScaler state, loop state, CPU and CUDA RNG. Only
+    tensors, numbers, strings and containers of them, so it reads back with weights_only=True."""
     obj = {"trainable": {file_key(n): p.detach() for n, p in model.named_parameters() if p.requires_grad},
-           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
+           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
            "rng": torch.get_rng_state(),
            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    atomic_write(out / "resume.pt", lambda p: torch.save(obj, p))
+    try:
+        atomic_write(out / "resume.pt", lambda p: torch.save(obj, p))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise write_failed(out / "resume.pt", e) from None
 
 
-def load_resume(out: Path, model: nn.Module, optimizer, scaler, state: dict, more_epochs: bool) -> None:
-    """Load resume.pt into the freshly built model, optimizer and scaler, and `state` (in place).
-    A finished run continues only when the epochs were raised (more_epochs)."""
+def read_resume(out: Path) -> dict | None:
+    """resume.pt as a dict (None if there is none yet), read with weights_only=True: a pickle that would
+    build any object but tensors and plain containers is refused, never run (a run folder may be shared).
+    Memory-mapped, so reading only the loop state of a 7B run's file is cheap."""
     path = out / "resume.pt"
     if not path.is_file():
-        raise RunError(f"--resume {out}: no resume.pt there")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if ck["state"]["finished"] and not more_epochs:
-        raise RunError(f"--resume {out}: that run already finished (raise --epochs to train further)")
-    model.load_state_dict(ck["trainable"], strict=False)
-    optimizer.load_state_dict(ck["optimizer"])
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError (refused globals), a torn zip, a foreign file ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "GLOBAL" in line), lines[0])  # torch's reason, in one line
+        raise RunError(f"{path}: not a resume state train.py can read safely, refused ({why[:300]})") from None
+    if not isinstance(ck, dict) or not {"trainable", "optimizer", "scaler", "state", "rng"} <= set(ck):
+        raise RunError(f"{path}: not a train.py resume state (keys {sorted(ck) if isinstance(ck, dict) else type(ck)})")
+    return ck
+
+
+def load_resume(out: Path, model: nn.Module, optimizer, scaler, state: dict) -> bool:
+    """Load resume.pt into the freshly built model, optimizer and scaler, and `state` (in place).
+    False when the run has no checkpoint yet: it then starts from the beginning (the same seed gives
+    the same run)."""
+    ck = read_resume(out)
+    if ck is None:
+        return False
+    want = {file_key(n) for n, p in model.named_parameters() if p.requires_grad}
+    if set(ck["trainable"]) != want:  # load_state_dict(strict=False) below would skip them silently
+        odd = sorted(set(ck["trainable"]) ^ want)
+        raise RunError(f"{out / 'resume.pt'} does not fit this model: {len(odd)} trainable tensor(s) differ, "
+                       f"e.g. {odd[0]!r}")
+    try:
+        model.load_state_dict(ck["trainable"], strict=False)
+        optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RunError(f"{out / 'resume.pt'} does not fit this model ({str(e).splitlines()[0][:200]})") from None
     scaler.load_state_dict(ck["scaler"])
     state.update(ck["state"], finished=False)
     torch.set_rng_state(ck["rng"])
     if torch.cuda.is_available() and ck.get("cuda_rng") is not None:
         torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    return True
 
 
 # ------------------------------------------------------------------------------------------ adapter/
@@ -160,7 +297,7 @@ def load_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path) -> Non
 # ------------------------------------------------------------------------------------------ summary.json
 def write_summary(out: Path, summary: dict) -> str:
     """summary.json, and the same as an aligned text table (returned, for the log)."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
     width = max(len(k) for k in summary)
 
     def row(k, v):

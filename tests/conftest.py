@@ -306,3 +306,13 @@ def tiny_run(tmp_path_factory, tiny_ckpt):
         return cache[method]
 
     return build
+
+
+# ---- relB helpers
+@pytest.fixture(scope="session")
+def train_images(tmp_path_factory):
+    """A generated 3-class image folder (12 images of 40×32 a class) for the train.py end-to-end tests."""
+    from nanopeft.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "train", num_classes=3, per_class=12,
+                             size=(40, 32), seed=0)

@@ -50,3 +50,19 @@ def test_method_names_are_defined_once():
     assert METHODS == ("lora", "dora", "frozen", "resnet18", "vit-small")
     assert set(ADAPTER_METHODS) < set(DINO_METHODS) and not set(DINO_METHODS) & set(SCRATCH_METHODS)
     assert {row["method"] for row in PAPER_RUNS.values()} == set(METHODS)
+
+
+@pytest.mark.parametrize("field,value", [("alpha", 0.0), ("alpha", -2.0), ("dropout", 1.0), ("dropout", -0.1),
+                                         ("lr", 0.0), ("lr", float("nan")), ("lr", float("inf")),
+                                         ("head_dropout", 1.0), ("label_smoothing", 1.0), ("warmup_ratio", 1.5),
+                                         ("weight_decay", -0.01), ("patience", 0), ("max_steps", -1),
+                                         ("ckpt_every", -1), ("workers", -1), ("val_fraction", 0.0)])
+def test_out_of_range_values_name_the_flag(field, value):
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be in"):
+        TrainConfig(**{field: value}).resolved()
+
+
+def test_range_edges_inside():
+    c = TrainConfig(dropout=0.0, head_dropout=0.0, warmup_ratio=1.0, min_lr_ratio=0.0, ckpt_every=0, max_steps=0,
+                    workers=0, label_smoothing=0.0, grad_clip=0.0).resolved()
+    assert (c.dropout, c.ckpt_every, c.warmup_ratio) == (0.0, 0, 1.0)

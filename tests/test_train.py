@@ -15,16 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from nanopeft.config import TrainConfig  # noqa: E402
-from nanopeft.data import make_demo_dataset  # noqa: E402
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0", "--lr", "1e-3",
         "--eval-batch-size", "32", "--rank", "4"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_demo_dataset(tmp_path_factory.mktemp("data") / "train", num_classes=3, per_class=12,
-                             size=(40, 32), seed=0)
+def data(train_images):
+    return train_images
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +120,7 @@ def test_missing_backbone_and_data_are_short_messages(tmp_path, data, weights, c
     assert str(tmp_path / "nodata") in err and "sub-folder per class" in err
 
 
-def test_bad_image_stops_before_training(tmp_path, data, weights, capsys):
+def test_bad_image_stops_before_training(tmp_path, data, weights, capsys, reliability_case):
     import shutil
 
     bad = tmp_path / "bad"
@@ -136,6 +134,10 @@ def test_bad_image_stops_before_training(tmp_path, data, weights, capsys):
     out, _ = run_train(tmp_path, "skipped", "--method", "frozen", "--weights", weights, "--data", bad,
                        "--epochs", "1", "--skip-bad")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    skipped = [line for line in (out / "train.log").read_text().splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and str(bad / "class_1" / "broken.jpg") in skipped[0], skipped  # listed with its reason
+    assert json.loads((out / "config.json").read_text())["n_train"] + \
+        json.loads((out / "config.json").read_text())["n_val"] == 36  # 37 files, the broken one left out
 
 
 def test_dry_run_prints_the_papers_counts(capsys):
@@ -187,8 +189,82 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path, data, weights):
            str(ROOT / "train.py"), "--out", str(ddp), *common]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = torch.load(single / "resume.pt", weights_only=False)["trainable"]
-    b = torch.load(ddp / "resume.pt", weights_only=False)["trainable"]
+    a = torch.load(single / "resume.pt", weights_only=True)["trainable"]
+    b = torch.load(ddp / "resume.pt", weights_only=True)["trainable"]
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+# id -> (flags, the flag the one-line error must name); every case stops before a run folder exists
+BAD_ARGUMENTS = {
+    "arg-rank": (["--rank", "0"], "--rank"), "arg-alpha": (["--alpha", "0"], "--alpha"),
+    "arg-dropout": (["--dropout", "1.5"], "--dropout"), "arg-method": (["--method", "qlora"], "--method"),
+    "arg-preset": (["--preset", "qlora-everything"], "--preset"), "arg-pool": (["--pool", "max"], "--pool"),
+    "arg-targets": (["--targets", "nonexistent_proj"], "--targets"),
+    "arg-image-size": (["--image-size", "63"], "--image-size"),
+    "arg-batch-size": (["--batch-size", "0"], "--batch-size"), "arg-grad-accum": (["--grad-accum", "0"], "--grad-accum"),
+    "arg-epochs": (["--epochs", "-1"], "--epochs"), "arg-lr": (["--lr", "-0.0001"], "--lr"),
+    "arg-val-fraction": (["--val-fraction", "1.0"], "--val-fraction"),
+    "arg-weights": (["--weights", "NOT_A_CHECKPOINT"], "--weights"),
+    "arg-resume-changed": (["--resume", "RUN", "--lr", "0.5"], "--lr"),
+}
+
+
+def test_bad_argument(tmp_path, data, weights, capsys, reliability_case):
+    flags, flag = BAD_ARGUMENTS[reliability_case["id"]]
+    folder = tmp_path / "not-a-checkpoint"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no weights here")
+    run = tmp_path / "old-run"  # for --resume: a run folder whose config.json has another lr
+    run.mkdir()
+    saved = TrainConfig(weights=str(weights), data=str(data), out=str(run), epochs=1, lr=1e-4)
+    (run / "config.json").write_text(json.dumps({"train": saved.to_dict(), "class_names": ["a", "b", "c"]}))
+    flags = [str(folder) if f == "NOT_A_CHECKPOINT" else str(run) if f == "RUN" else f for f in flags]
+    out = tmp_path / "new-run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(out), "--weights", str(weights), "--data", str(data), *FAST, "--method", "lora", *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{flag} " in err or f"{flag}:" in err, err
+    assert not out.exists() and not (tmp_path / ".new-run.lock").exists()  # before any run folder
+    assert sorted(f.name for f in run.iterdir()) == ["config.json"]
+
+
+def test_numerical_fault(tmp_path, data, weights, capsys, monkeypatch, reliability_case):
+    from nanopeft.run import load_run_weights, read_resume
+
+    case = reliability_case["id"]
+    args = ["--method", "lora", "--targets", "q_proj", "--weights", weights, "--data", data, "--epochs", "2"]
+    if case == "loss-nan":
+        with pytest.raises(SystemExit) as e:
+            run_train(tmp_path, "nan", *args, "--lr", "1e12")
+        err = capsys.readouterr().err.strip()
+        last = err.splitlines()[-1]  # the line a user sees last, under the closed progress bar
+        assert e.value.code != 0 and err.count("error:") == 1 and "Traceback" not in err, err
+        assert last.startswith("error: step ") and ("the loss is" in last or "is not finite" in last), last
+    elif case == "loss-nan-after-checkpoint":
+        real = train.get_lr
+        monkeypatch.setattr(train, "get_lr", lambda step, total, cfg: real(step, total, cfg) if step < 11 else 1e12)
+        with pytest.raises(SystemExit) as e:  # 11 steps an epoch: epoch 1 ends well, epoch 2 diverges
+            run_train(tmp_path, "late", *args, "--lr", "1e-3")
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        out = tmp_path / "late"
+        assert e.value.code != 0 and last.startswith("error: step 1") and f"Kept: {out / 'resume.pt'}" in last, last
+        ck = read_resume(out)
+        assert ck["state"]["step"] == 11 and all(torch.isfinite(t).all() for t in ck["trainable"].values())
+        from nanopeft.build import build_classifier
+
+        cfg = TrainConfig(**json.loads((out / "config.json").read_text())["train"])
+        model = build_classifier(cfg, 3, torch.device("cpu"), adapters=False)
+        load_run_weights(model, cfg, out / "adapter")  # the best adapter (epoch 1) loads, and is finite
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    elif case == "fp16-overflow":
+        real = torch.amp.GradScaler
+        monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real(*a, init_scale=2.0 ** 40, **k))
+        out, summary = run_train(tmp_path, "fp16", *args, "--precision", "fp16", "--quant", "none", "--epochs", "1")
+        skipped = [line for line in (out / "train.log").read_text().splitlines() if "fp16 overflow, step skipped" in line]
+        assert summary["skipped_steps"] == len(skipped) > 0, skipped
+        assert json.loads((out / "summary.json").read_text())["skipped_steps"] == len(skipped)
+    else:
+        raise AssertionError(case)
