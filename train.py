@@ -4,12 +4,14 @@
     python train.py --preset qlora-all-linear-r64                      # one of the paper's 11 rows
     python train.py --demo                                             # whole pipeline on CPU, no download
     python train.py --dry-run --method lora --rank 16                  # counts + memory estimate, no weights
+    python train.py --config runs/X/config.json --seed 1               # re-run a recorded run, flags win
     torchrun --nproc_per_node 4 train.py ...                           # same global batch on 4 GPUs
 
 The step, in the order it happens (nanoGPT style, all visible in main()):
     micro-batch ─► autocast forward ─► loss / group size ─► backward   (× grad_accum)
     ─► lr = get_lr(step) ─► unscale ─► clip ─► AdamW step ─► zero_grad
-    epoch end ─► validation accuracy ─► keep the best adapter ─► early stop ─► resumable checkpoint
+    epoch end ─► validation scores ─► keep the best adapter (--select-metric) ─► early stop
+              ─► resumable checkpoint ─► metrics.csv + curves.png
 Everything around it is a small named helper below: the config (flags, --resume, --demo), the system
 (processes, device, precision), data, model, and the run folder (nanopeft/run.py).
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanopeft.budget import count_params, estimate_gpu_memory
@@ -36,6 +39,7 @@ from nanopeft.build import build_classifier
 from nanopeft.config import ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args
 from nanopeft.device import autocast, autocast_dtype, peak_memory_mb, resolve_device, threads_beside_workers
 from nanopeft.distributed import all_sum
+from nanopeft.history import improved, validation_scores, write_history
 from nanopeft.run import (RunError, RunLog, check_new_run_folder, load_resume, new_state, read_run_config,
                           run_folder, run_name, save_resume, save_run_weights, write_run_config, write_summary)
 
@@ -67,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true", help="generate a tiny random DINOv3 + image data "
                         "set and run the whole pipeline on CPU")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder where it stopped")
+    parser.add_argument("--config", metavar="JSON", help="re-run a recorded run: its config.json (or its folder, "
+                        "or a --dry-run printout); flags given now win, the run folder is new unless --out")
     return parser.parse_args(argv)
 
 
@@ -79,6 +85,8 @@ def run_config(args) -> TrainConfig:
             return cfg  # the listing needs nothing more
         if args.resume:
             cfg = resumed_config(args)
+        elif args.config:
+            cfg = recorded_config(args)
         if args.demo:
             cfg = demo_config(args, cfg)
         return cfg.resolved()
@@ -92,6 +100,23 @@ def resumed_config(args) -> TrainConfig:
     given = {k: v for k, v in vars(config_from_args(args)).items()
              if getattr(args, k, None) is not None and k != "out"}
     return dataclasses.replace(saved, **given, out=args.resume)
+
+
+def recorded_config(args) -> TrainConfig:
+    """--config FILE|RUN: a recorded run's TrainConfig (a run's config.json {"train": {...}} or the bare
+    dict --dry-run prints) < --preset < flags given now; a new run folder unless --out is given."""
+    path = Path(args.config)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--config {file}: cannot read it as JSON ({e})") from None
+    fields = saved.get("train", saved) if isinstance(saved, dict) else None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(fields, dict) or not set(fields) <= known:
+        bad = sorted(set(fields) - known) if isinstance(fields, dict) else "not a JSON object"
+        raise ValueError(f"--config {file}: not a train.py config (unknown keys: {bad})")
+    return config_from_args(args, recorded={**fields, "out": ""})
 
 
 def demo_config(args, cfg: TrainConfig) -> TrainConfig:
@@ -183,6 +208,7 @@ class Data:
     class_names: list[str]
     n_train: int
     n_val: int
+    train_counts: list[int]                    # training images per class (before the multiplier)
 
 
 def make_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
@@ -212,7 +238,9 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     train_ds = ImageDataset(train_items, image_size=cfg.image_size, multiplier=cfg.multiplier,
                             strength=cfg.augment, seed=cfg.seed)
     val_ds = ImageDataset(val_items, image_size=cfg.image_size)
-    sampler = MicroBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, world)
+    train_counts = [sum(s.label == c for s in train_items) for c in range(len(class_names))]
+    sampler = MicroBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, world,
+                                weights=sampler_weights(cfg, train_ds))
     kw = dict(num_workers=min(cfg.workers, os.cpu_count() or 1), pin_memory=torch.cuda.is_available())
     # a private generator: worker seeds must not draw from the global RNG, or a resumed run's dropout
     # would see a shifted random stream (augmentations are seeded per (seed, epoch, index) anyway)
@@ -221,7 +249,32 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     val_idx = list(range(rank, len(val_ds), world))  # each rank a share; accuracy is summed over ranks
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, val_idx),
                                              batch_size=cfg.eval_batch_size, **kw)
-    return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items))
+    return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items),
+                train_counts)
+
+
+def sampler_weights(cfg: TrainConfig, train_ds) -> list[float] | None:
+    """--sampler balanced: P(index) ∝ 1/n_c of its class (None: the uniform permutation)."""
+    from nanopeft.distributed import class_balanced_weights
+
+    if cfg.sampler != "balanced":
+        return None
+    return class_balanced_weights([train_ds.sample(i).label for i in range(len(train_ds))])
+
+
+def make_criterion(cfg: TrainConfig, data: Data, device: torch.device) -> nn.Module:
+    """Cross-entropy with the recipe's label smoothing; --class-weights balanced weighs class c by
+    1/(C·q_c), q_c its expected share of the micro-batches: n_c/n with the uniform sampler, which gives
+    sklearn's "balanced" n/(C·n_c) (mean weight 1 over the training images); 1/C with --sampler balanced,
+    so the weights are 1 and the classes are not balanced twice. C counts the classes with training
+    images; a class without any gets weight 0 (no sample of it is ever drawn)."""
+    if cfg.class_weights != "balanced":
+        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    counts = torch.tensor(data.train_counts, dtype=torch.float64)
+    present = counts > 0
+    share = torch.where(present, 1.0 / present.sum(), 0.0) if cfg.sampler == "balanced" else counts / counts.sum()
+    weight = torch.where(present, 1.0 / (present.sum() * share), 0.0).float()  # n/(C·n_c)
+    return nn.CrossEntropyLoss(weight=weight.to(device), label_smoothing=cfg.label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -245,15 +298,58 @@ def build_model(cfg: TrainConfig, system: System, num_classes: int) -> tuple[nn.
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp) -> tuple[int, int]:
+def evaluate(model, loader, device, amp, criterion: nn.CrossEntropyLoss, num_classes: int) -> list[float]:
+    """This rank's share of the validation sums nanopeft/history.py turns into scores:
+    [Σ w_y·loss, Σ w_y, confusion matrix (C·C)], w the class weights (1 without them)."""
     model.eval()
-    correct = total = 0
+    loss_sum, weight_sum = 0.0, 0.0
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.float64)
     for x, y in loader:
         with autocast(device, amp):
             logits = model(x.to(device, non_blocking=True))
-        correct += (logits.argmax(-1).cpu() == y).sum().item()
-        total += len(y)
-    return correct, total
+        y = y.to(device)
+        w = criterion.weight
+        loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=criterion.label_smoothing,
+                               reduction="none")  # w_y·ℓ per image: summed / Σ w_y = the "mean" reduction
+        loss_sum += loss.sum().item()
+        weight_sum += (w[y].sum() if w is not None else torch.tensor(float(len(y)))).item()
+        cm += torch.bincount((y * num_classes + logits.argmax(-1)).cpu(), minlength=num_classes ** 2).double()
+    return [loss_sum, weight_sum, *cm.tolist()]
+
+
+def validate(wrapped, data: Data, system: System, criterion) -> dict:
+    """{val_accuracy, val_loss, val_macro_f1} over the whole validation split (summed over ranks)."""
+    C = len(data.class_names)
+    sums = all_sum(evaluate(wrapped, data.val_loader, system.device, system.amp, criterion, C), system.device)
+    return validation_scores(sums, C)
+
+
+def keep_best(state: dict, val: dict, cfg: TrainConfig, epoch: int) -> bool:
+    """Update the early-stopping record with this epoch's scores; True if it is the new best by
+    --select-metric (the adapter is then saved). state["best_val"] stays the kept epoch's accuracy."""
+    score, best = val[cfg.select_metric], state.get("best_score")
+    if best is None and state["best_epoch"] > 0 and cfg.select_metric == "val_accuracy":
+        best = state["best_val"]  # a resume.pt written before best_score was recorded
+    if improved(score, best, cfg.select_metric, cfg.min_delta):
+        state.update(best_val=val["val_accuracy"], best_score=score, best_epoch=epoch, bad_epochs=0)
+        return True
+    state["bad_epochs"] += 1
+    return False
+
+
+def report_epoch(log: RunLog, out: Path, system: System, val: dict, epoch: int, elapsed: float, best: bool,
+                 cfg: TrainConfig) -> None:
+    """The epoch's row in metrics.jsonl and its line in train.log; metrics.csv and curves.png redrawn."""
+    mem = peak_memory_mb(system.device)
+    log.record(epoch=epoch, **val, peak_memory_mb=mem, elapsed_s=elapsed, best=best)
+    log.say(f"epoch {epoch}: val accuracy {val['val_accuracy']:.4f}, macro F1 {val['val_macro_f1']:.4f}, "
+            f"loss {val['val_loss']:.4f}{f' (best {cfg.select_metric}, saved)' if best else ''}, "
+            f"peak memory {mem:,.0f} MB")
+    if system.master:
+        try:
+            write_history(out, f"Training: {out.name}")
+        except (OSError, ValueError) as e:  # a picture must never stop a run
+            log.say(f"warning: could not write metrics.csv / curves.png: {e}")
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -271,7 +367,8 @@ def open_run(cfg: TrainConfig, args, system: System, model, optimizer, scaler, d
         fail(str(e))
     if system.master:
         write_run_config(out, cfg, class_names=data.class_names, parameters=counts, world_size=system.world,
-                         n_train=data.n_train, n_val=data.n_val)
+                         n_train=data.n_train, n_val=data.n_val,
+                         train_class_counts=dict(zip(data.class_names, data.train_counts)))
     return out, state, RunLog(out, system.master)
 
 
@@ -292,7 +389,8 @@ def log_setup(log: RunLog, cfg: TrainConfig, system: System, scaler, data: Data,
 def finish_run(out: Path, cfg: TrainConfig, args, system: System, state: dict, counts: dict, log: RunLog,
                elapsed: float) -> dict:
     summary = {"run": str(out), "method": cfg.method, "best_val_accuracy": state["best_val"],
-               "best_epoch": state["best_epoch"], "steps": state["step"], "train_time_s": elapsed,
+               "best_epoch": state["best_epoch"], "select_metric": cfg.select_metric,
+               "best_score": state.get("best_score"), "steps": state["step"], "train_time_s": elapsed,
                "trainable_parameters": counts["trainable"], "peak_memory_mb": peak_memory_mb(system.device)}
     if system.master:
         log.say(write_summary(out, summary))
@@ -321,7 +419,7 @@ def main(argv=None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == torch.float16))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = make_criterion(cfg, data, device)
     micro_per_epoch = data.sampler.num_batches()
     total_steps = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
     out, state, log = open_run(cfg, args, system, model, optimizer, scaler, data, counts)
@@ -381,20 +479,12 @@ def main(argv=None) -> dict:
             log.say(f"stopped after {state['step']} steps (--max-steps); resume with --resume {out}")
             break
         # ------------------------------------------------------------ epoch end
-        correct, total = all_sum(list(evaluate(wrapped, data.val_loader, device, amp)), device)
-        val_acc = correct / max(total, 1)
+        val = validate(wrapped, data, system, criterion)
         state.update(epoch=epoch + 1, batches_done=0)
-        improved = val_acc > state["best_val"] + cfg.min_delta
-        if improved:
-            state.update(best_val=val_acc, best_epoch=epoch + 1, bad_epochs=0)
-            if system.master:
-                save_run_weights(model, cfg, out / "adapter")
-        else:
-            state["bad_epochs"] += 1
-        log.record(epoch=epoch + 1, val_accuracy=val_acc, peak_memory_mb=peak_memory_mb(device),
-                   elapsed_s=time.perf_counter() - t_start, best=improved)
-        log.say(f"epoch {epoch + 1}: val accuracy {val_acc:.4f}{' (best, saved)' if improved else ''}, "
-                f"peak memory {peak_memory_mb(device):,.0f} MB")
+        best = keep_best(state, val, cfg, epoch + 1)
+        if best and system.master:
+            save_run_weights(model, cfg, out / "adapter", data.class_names, {"epoch": epoch + 1, **val})
+        report_epoch(log, out, system, val, epoch + 1, time.perf_counter() - t_start, best, cfg)
         if state["bad_epochs"] >= cfg.patience:
             log.say(f"early stop: no improvement for {cfg.patience} epochs")
             stop = True
