@@ -39,7 +39,7 @@ from nanopeft.build import build_classifier
 from nanopeft.config import ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args
 from nanopeft.device import autocast, autocast_dtype, peak_memory_mb, resolve_device, threads_beside_workers
 from nanopeft.distributed import all_sum
-from nanopeft.history import improved, validation_scores, write_history
+from nanopeft.history import keep_best, validation_scores, write_history
 from nanopeft.run import (RunError, RunLog, check_new_run_folder, load_resume, new_state, read_run_config,
                           run_folder, run_name, save_resume, save_run_weights, write_run_config, write_summary)
 
@@ -255,26 +255,19 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
 
 def sampler_weights(cfg: TrainConfig, train_ds) -> list[float] | None:
     """--sampler balanced: P(index) ∝ 1/n_c of its class (None: the uniform permutation)."""
-    from nanopeft.distributed import class_balanced_weights
+    from nanopeft.balance import sampling_weights
 
-    if cfg.sampler != "balanced":
-        return None
-    return class_balanced_weights([train_ds.sample(i).label for i in range(len(train_ds))])
+    return sampling_weights([train_ds.sample(i).label for i in range(len(train_ds))]) \
+        if cfg.sampler == "balanced" else None
 
 
 def make_criterion(cfg: TrainConfig, data: Data, device: torch.device) -> nn.Module:
-    """Cross-entropy with the recipe's label smoothing; --class-weights balanced weighs class c by
-    1/(C·q_c), q_c its expected share of the micro-batches: n_c/n with the uniform sampler, which gives
-    sklearn's "balanced" n/(C·n_c) (mean weight 1 over the training images); 1/C with --sampler balanced,
-    so the weights are 1 and the classes are not balanced twice. C counts the classes with training
-    images; a class without any gets weight 0 (no sample of it is ever drawn)."""
-    if cfg.class_weights != "balanced":
-        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    counts = torch.tensor(data.train_counts, dtype=torch.float64)
-    present = counts > 0
-    share = torch.where(present, 1.0 / present.sum(), 0.0) if cfg.sampler == "balanced" else counts / counts.sum()
-    weight = torch.where(present, 1.0 / (present.sum() * share), 0.0).float()  # n/(C·n_c)
-    return nn.CrossEntropyLoss(weight=weight.to(device), label_smoothing=cfg.label_smoothing)
+    """Cross-entropy with the recipe's label smoothing, and with --class-weights balanced the weights
+    of nanopeft/balance.py (n/(C·n_c), or 1 under --sampler balanced)."""
+    from nanopeft.balance import class_weights
+
+    weight = class_weights(data.train_counts, cfg.sampler).to(device) if cfg.class_weights == "balanced" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -322,19 +315,6 @@ def validate(wrapped, data: Data, system: System, criterion) -> dict:
     C = len(data.class_names)
     sums = all_sum(evaluate(wrapped, data.val_loader, system.device, system.amp, criterion, C), system.device)
     return validation_scores(sums, C)
-
-
-def keep_best(state: dict, val: dict, cfg: TrainConfig, epoch: int) -> bool:
-    """Update the early-stopping record with this epoch's scores; True if it is the new best by
-    --select-metric (the adapter is then saved). state["best_val"] stays the kept epoch's accuracy."""
-    score, best = val[cfg.select_metric], state.get("best_score")
-    if best is None and state["best_epoch"] > 0 and cfg.select_metric == "val_accuracy":
-        best = state["best_val"]  # a resume.pt written before best_score was recorded
-    if improved(score, best, cfg.select_metric, cfg.min_delta):
-        state.update(best_val=val["val_accuracy"], best_score=score, best_epoch=epoch, bad_epochs=0)
-        return True
-    state["bad_epochs"] += 1
-    return False
 
 
 def report_epoch(log: RunLog, out: Path, system: System, val: dict, epoch: int, elapsed: float, best: bool,
@@ -481,7 +461,7 @@ def main(argv=None) -> dict:
         # ------------------------------------------------------------ epoch end
         val = validate(wrapped, data, system, criterion)
         state.update(epoch=epoch + 1, batches_done=0)
-        best = keep_best(state, val, cfg, epoch + 1)
+        best = keep_best(state, val, cfg.select_metric, cfg.min_delta, epoch + 1)
         if best and system.master:
             save_run_weights(model, cfg, out / "adapter", data.class_names, {"epoch": epoch + 1, **val})
         report_epoch(log, out, system, val, epoch + 1, time.perf_counter() - t_start, best, cfg)

@@ -21,7 +21,7 @@ class MicroBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's slice of every micro-batch of a seeded per-epoch shuffle (drop_last, as the
     paper). `skip` resumes mid-epoch after that many micro-batches.
 
-    weights (one per dataset index, e.g. class_balanced_weights): instead of a permutation, each epoch
+    weights (one per dataset index, e.g. balance.sampling_weights): instead of a permutation, each epoch
     draws n indices with replacement, P(i) ∝ weights[i] (`--sampler balanced`). The draw is seeded by
     (seed, epoch) like the permutation, so every rank computes the same global order and slices it as
     above, and a resumed epoch skips into the same order."""
@@ -63,15 +63,6 @@ class MicroBatchSampler(torch.utils.data.Sampler):
                 yield batch[self.rank::self.world]
             else:
                 yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
-
-
-def class_balanced_weights(labels) -> list[float]:
-    """Sampling weights 1/n_c for each index of class c: every class is drawn equally often, in
-    expectation n/C times an epoch (WeightedRandomSampler's usual use; the training prior becomes uniform,
-    which is what nanopeft/predict.py run_train_priors assumes for --sampler balanced)."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    counts = torch.bincount(labels).double()
-    return (1.0 / counts[labels]).tolist()
 
 
 def init_distributed() -> tuple[int, int, int]:

@@ -52,6 +52,20 @@ def improved(score: float, best: float | None, metric: str, min_delta: float) ->
     return score > best + min_delta
 
 
+def keep_best(state: dict, val: dict, metric: str, min_delta: float, epoch: int) -> bool:
+    """Update train.py's early-stopping record with this epoch's scores; True if the epoch is the new
+    best by `metric` (--select-metric; its adapter is then saved). state["best_score"] holds the best
+    value of the metric, state["best_val"] the kept epoch's accuracy (summary.json's best_val_accuracy)."""
+    score, best = val[metric], state.get("best_score")
+    if best is None and state["best_epoch"] > 0 and metric == "val_accuracy":
+        best = state["best_val"]  # a resume.pt written before best_score was recorded
+    if improved(score, best, metric, min_delta):
+        state.update(best_val=val["val_accuracy"], best_score=score, best_epoch=epoch, bad_epochs=0)
+        return True
+    state["bad_epochs"] += 1
+    return False
+
+
 def read_history(metrics_jsonl) -> tuple[list[dict], list[dict]]:
     """(step rows, epoch rows) of metrics.jsonl, each in order, a step or epoch logged twice kept once (the last)."""
     steps, epochs = {}, {}
