@@ -173,7 +173,8 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     model: the backbone holding the adapters (DINOv3ViT after add_adapters), not a backbone+head wrapper.
     head: any nn.Module, stored as `base_model.model.classifier.<its state_dict key>`.
     extra_state: {name: tensor}, stored as `base_model.model.<name>` (e.g. a scratch baseline's weights).
-    card: the model card's text below the front matter (model_card); library_name: its front matter's.
+    card: write README.md, this text below PEFT's front matter (model_card; "" = a short default body);
+    library_name: the front matter's (scratch networks are no PEFT adapter: "pytorch").
     """
     directory = Path(directory)
     config = adapter_config(model, head=head is not None, base_model_name_or_path=base_model_name_or_path)
@@ -217,8 +218,8 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     atomic_write(old, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     readme = directory / CARD_NAME
-    if not readme.exists() or CARD_MARK in readme.read_text(errors="replace"):  # never a user's README
-        text = model_card(config, card or "", library_name)
+    if card is not None and (not readme.exists() or CARD_MARK in readme.read_text(errors="replace")):
+        text = model_card(config, card, library_name)  # never over a README.md someone else wrote
         atomic_write(readme, lambda p: p.write_text(text))
     return directory
 
