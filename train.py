@@ -83,6 +83,8 @@ def run_config(args) -> TrainConfig:
         cfg = config_from_args(args).resolved()
         if args.list_presets:
             return cfg  # the listing needs nothing more
+        if args.resume and args.config:
+            raise ValueError("--resume continues a run with its own config.json: drop --config")
         if args.resume:
             cfg = resumed_config(args)
         elif args.config:

@@ -304,7 +304,8 @@ def add_config_args(parser, cls=TrainConfig):
 def config_from_args(args, cls=TrainConfig, recorded: dict | None = None) -> TrainConfig:
     """Defaults < the method's recipe (METHOD_RECIPES) < --preset < explicitly given flags.
     recorded: a recorded run's fields (train.py --config), which replace the defaults; the method's
-    recipe then applies only when a flag changes the method."""
+    recipe (or for a DINOv3 method the defaults of the recipe's fields) then applies only when a flag
+    changes the method."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if getattr(args, f.name, None) is not None}
     base = {}
@@ -314,5 +315,9 @@ def config_from_args(args, cls=TrainConfig, recorded: dict | None = None) -> Tra
         base = PAPER_RUNS[given["preset"]]
     recorded = recorded or {}
     method = given.get("method", base.get("method", recorded.get("method", cls.method)))
-    recipe = METHOD_RECIPES.get(method, {}) if method != recorded.get("method") else {}
+    recipe = METHOD_RECIPES.get(method, {})
+    if recorded and method != recorded.get("method"):  # another method: its recipe, not the recorded one's
+        recipe = {**{k: getattr(cls, k) for k in _SCRATCH}, **recipe}
+    elif recorded:
+        recipe = {}
     return cls(**{**recorded, **recipe, **base, **given})

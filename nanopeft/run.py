@@ -1,11 +1,14 @@
 """The run folder train.py writes and eval.py reads: everything a run leaves behind, and reading it back.
 
     runs/<name>-<time>/
-        config.json      the TrainConfig (command-line form), class names, parameter counts, data sizes
+        config.json      the TrainConfig (command-line form), class names, parameter counts, data sizes,
+                         training images per class (train_class_counts); train.py --config re-runs it
         train.log        what the run printed
-        metrics.jsonl    one JSON object per optimizer step {step, epoch, loss, lr, images_per_s} and
-                         per epoch {epoch, val_accuracy, peak_memory_mb, elapsed_s, best}
-        adapter/         the best epoch's trained weights in PEFT's format (save.py)
+        metrics.jsonl    one JSON object per optimizer step {step, epoch, loss, lr, images_per_s} and per
+                         epoch {epoch, val_accuracy, val_loss, val_macro_f1, peak_memory_mb, elapsed_s, best}
+        metrics.csv      one row per epoch, and curves.png: redrawn from metrics.jsonl each epoch (history.py)
+        adapter/         the best epoch's (--select-metric) trained weights in PEFT's format (save.py) and
+                         a model card README.md
         resume.pt        trainable tensors, optimizer, GradScaler, loop state, RNG: --resume continues here
         summary.json     best validation accuracy, steps, time, trainable parameters, peak memory
 

@@ -306,9 +306,39 @@ def test_scratch_methods_default_to_the_scratch_recipe(method):
     assert (lora.batch_size, lora.grad_accum, lora.lr, lora.grad_checkpointing) == (4, 8, 1e-4, True)
 
 
-def test_config_with_another_method_takes_that_methods_recipe(loss_run):
+def test_config_with_another_method_takes_that_methods_recipe(tmp_path, loss_run):
     a, _ = loss_run
     cfg = train.run_config(train.parse_args(["--config", str(a), "--method", "resnet18"]))
     assert (cfg.batch_size, cfg.lr, cfg.patience) == (32, 1e-3, 15)
     same = train.run_config(train.parse_args(["--config", str(a), "--method", "lora"]))
     assert (same.batch_size, same.lr) == (8, 1e-2)  # the recorded values: the method did not change
+    scratch = train.run_config(train.parse_args(["--config", str(a), "--preset", "resnet18-scratch"]))
+    back = tmp_path / "scratch.json"
+    back.write_text(json.dumps(scratch.to_dict()))
+    lora = train.run_config(train.parse_args(["--config", str(back), "--method", "dora"]))
+    assert (lora.batch_size, lora.grad_accum, lora.lr, lora.patience, lora.grad_checkpointing) == (4, 8, 1e-4, 5, True)
+    assert lora.image_size == 32 and lora.rank == 4  # everything else as recorded
+    with pytest.raises(SystemExit):
+        train.run_config(train.parse_args(["--config", str(a), "--resume", str(a)]))
+
+
+@pytest.mark.slow
+def test_ddp_validation_scores_equal_single_process(tmp_path, data, weights):
+    """Two gloo processes each validate half the split; the summed scores are the single process's
+    (9 validation images: the ranks get 5 and 4, so an average of per-rank means would differ)."""
+    import os
+    import subprocess
+
+    common = [*FAST, "--weights", str(weights), "--data", str(data), "--epochs", "1", "--multiplier", "1",
+              "--dropout", "0", "--head-dropout", "0", "--rope-rescale", "none", "--quant", "none", "--lr", "1e-3",
+              "--val-fraction", "0.4", "--class-weights", "balanced", "--device", "cpu"]
+    train.main(["--out", str(tmp_path / "single"), *common])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "train.py"), "--out", str(tmp_path / "ddp"), *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (a,), (b,) = jsonl(tmp_path / "single")[1], jsonl(tmp_path / "ddp")[1]
+    for k in ("val_accuracy", "val_macro_f1", "val_loss"):
+        assert b[k] == pytest.approx(a[k], abs=1e-5), k
+    assert len(read_csv(tmp_path / "ddp" / "metrics.csv")) == 1
