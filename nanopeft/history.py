@@ -44,9 +44,11 @@ def validation_scores(sums, num_classes: int) -> dict:
 
 
 def improved(score: float, best: float | None, metric: str, min_delta: float) -> bool:
-    """Is this epoch's `metric` better than the best so far by more than min_delta? (None: first epoch.)"""
-    if best is None:
-        return math.isfinite(score)
+    """Is this epoch's `metric` better than the best so far by more than min_delta? The first epoch
+    (best None) always is, so a run always leaves an adapter; a NaN best (a diverged epoch, an empty
+    validation split) gives way to any finite score."""
+    if best is None or not math.isfinite(best):
+        return best is None or math.isfinite(score)
     if metric in LOWER_IS_BETTER:
         return score < best - min_delta
     return score > best + min_delta

@@ -115,7 +115,9 @@ def base_model_id(weights) -> str:
     a config.json of no released size (a tiny test model, a custom ViT) keeps the path."""
     path = Path(str(weights))
     config = path / "config.json" if path.is_dir() else path.with_name("config.json")
-    preset = guess_preset(path.name)
+    pths = sorted(path.glob("*.pth")) if path.is_dir() else []
+    name = path.name if guess_preset(path.name) or len(pths) != 1 else pths[0].name  # a folder holding one .pth
+    preset = guess_preset(name)
     if config.is_file():
         try:
             arch = json.loads(config.read_text())
@@ -125,7 +127,7 @@ def base_model_id(weights) -> str:
             preset = None
     if preset is None:
         return str(weights)
-    data = "sat493m" if "sat493m" in path.name.lower() and preset in ("vitl16", "vit7b16") else "lvd1689m"
+    data = "sat493m" if "sat493m" in name.lower() and preset in ("vitl16", "vit7b16") else "lvd1689m"
     return HUB_ID.format(preset, data)
 
 

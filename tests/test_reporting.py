@@ -142,7 +142,9 @@ def test_select_metric_val_loss_keeps_the_lowest_loss_epoch(loss_run):
 def test_improved_and_keep_best_follow_the_metric_direction():
     assert improved(0.5, 0.6, "val_loss", 1e-4) and not improved(0.7, 0.6, "val_loss", 1e-4)
     assert improved(0.7, 0.6, "val_accuracy", 1e-4) and not improved(0.6, 0.6, "val_macro_f1", 1e-4)
-    assert improved(3.0, None, "val_loss", 0.0) and not improved(math.nan, None, "val_loss", 0.0)
+    assert improved(3.0, None, "val_loss", 0.0) and improved(math.nan, None, "val_loss", 0.0)  # first epoch
+    assert improved(3.0, math.nan, "val_loss", 0.0) and not improved(math.nan, math.nan, "val_loss", 0.0)
+    assert not improved(math.nan, 3.0, "val_loss", 0.0) and not improved(math.nan, 0.5, "val_accuracy", 0.0)
     state = new_state()
     scores = [dict(val_accuracy=a, val_macro_f1=f, val_loss=v) for a, f, v in
               [(0.5, 0.4, 2.0), (0.7, 0.3, 2.5), (0.6, 0.6, 1.0), (0.8, 0.5, 1.5)]]
@@ -213,6 +215,10 @@ def test_base_model_id_names_the_released_sizes(tmp_path):
     assert base_model_id("weights/dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth") == \
         "facebook/dinov3-vit7b16-pretrain-lvd1689m"  # Meta's .pth: no config.json, the name says
     assert base_model_id("w/dinov3-vitl16-pretrain-sat493m") == "facebook/dinov3-vitl16-pretrain-sat493m"
+    meta = tmp_path / "weights"  # a folder holding one Meta .pth
+    meta.mkdir()
+    (meta / "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth").write_bytes(b"")
+    assert base_model_id(meta) == "facebook/dinov3-vits16plus-pretrain-lvd1689m"
     tiny = tmp_path / "dinov3-vit7b16-but-tiny"  # its config.json is no release: the path stays
     tiny.mkdir()
     (tiny / "config.json").write_text(json.dumps(PRESETS["tiny"].to_dict()))
