@@ -5,12 +5,14 @@
     python train.py --demo                                             # whole pipeline on CPU, no download
     python train.py --dry-run --method lora --rank 16                  # counts + memory estimate, no weights
     python train.py --resume runs/RUN                                  # continue a stopped or killed run
+    python train.py --config runs/X/config.json --seed 1               # re-run a recorded run, flags win
     torchrun --nproc_per_node 4 train.py ...                           # same global batch on 4 GPUs
 
 The step, in the order it happens (nanoGPT style, all visible in main()):
     micro-batch ─► autocast forward ─► loss / group size ─► backward   (× grad_accum)
     ─► lr = get_lr(step) ─► unscale ─► clip ─► AdamW step ─► zero_grad
-    epoch end ─► validation accuracy ─► keep the best adapter ─► early stop ─► resumable checkpoint
+    epoch end ─► validation scores ─► keep the best adapter (--select-metric) ─► early stop
+              ─► resumable checkpoint ─► metrics.csv + curves.png
     (a checkpoint also every --ckpt-every steps; a NaN/inf loss stops the run before anything of it is saved)
 Everything around it is a small named helper below: the config (flags, --resume, --demo), the system
 (processes, device, precision), data, model, and the run folder (nanopeft/run.py).
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanopeft.budget import count_params, estimate_gpu_memory
@@ -41,6 +44,7 @@ from nanopeft.build import build_classifier
 from nanopeft.config import ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args
 from nanopeft.device import autocast, autocast_dtype, peak_memory_mb, resolve_device, threads_beside_workers
 from nanopeft.distributed import all_sum
+from nanopeft.history import keep_best, validation_scores, write_history
 from nanopeft.run import (RunError, RunLog, check_new_run_folder, clean_stale_files, load_resume, lock_run_folder,
                           new_state, read_resume, read_run_config, run_folder, run_name, save_resume,
                           save_run_weights, staging_path, swap_in, unlock_run_folders, write_run_config,
@@ -82,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "checkpoint; runtime flags such as --workers may be given again); a finished run: nothing to do")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (only once the "
                         "new run has written its first checkpoint: a run that fails to start leaves the old one)")
+    parser.add_argument("--config", metavar="JSON", help="re-run a recorded run: its config.json (or its folder, "
+                        "or a --dry-run printout); flags given now win, the run folder is new unless --out")
     return parser.parse_args(argv)
 
 
@@ -92,11 +98,15 @@ def run_config(args) -> TrainConfig:
         cfg = config_from_args(args).resolved()
         if args.list_presets:
             return cfg  # the listing needs nothing more
+        if args.resume and args.config:
+            raise ValueError("--resume continues a run with its own config.json: drop --config")
         if args.resume:
             if args.overwrite:
                 raise ValueError("--resume continues a run and --overwrite replaces one: pass only one of them")
             cfg = resumed_config(args)
             exit_if_complete(cfg)
+        elif args.config:
+            cfg = recorded_config(args)
         if args.demo:
             cfg = demo_config(args, cfg)
         return cfg.resolved()
@@ -136,6 +146,21 @@ def exit_if_complete(cfg: TrainConfig) -> None:
         print(f"--resume {cfg.out}: the run is complete ({s['epoch']} epochs, {s['step']} steps, best val accuracy "
               f"{s['best_val']:.4f} at epoch {s['best_epoch']}); nothing to do")
         sys.exit(0)
+def recorded_config(args) -> TrainConfig:
+    """--config FILE|RUN: a recorded run's TrainConfig (a run's config.json {"train": {...}} or the bare
+    dict --dry-run prints) < --preset < flags given now; a new run folder unless --out is given."""
+    path = Path(args.config)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--config {file}: cannot read it as JSON ({e})") from None
+    fields = saved.get("train", saved) if isinstance(saved, dict) else None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(fields, dict) or not set(fields) <= known:
+        bad = sorted(set(fields) - known) if isinstance(fields, dict) else "not a JSON object"
+        raise ValueError(f"--config {file}: not a train.py config (unknown keys: {bad})")
+    return config_from_args(args, recorded={**fields, "out": ""})
 
 
 def demo_config(args, cfg: TrainConfig) -> TrainConfig:
@@ -268,6 +293,7 @@ class Data:
     class_names: list[str]
     n_train: int
     n_val: int
+    train_counts: list[int]                    # training images per class (before the multiplier)
     skipped: list[str] = dataclasses.field(default_factory=list)  # --skip-bad: "skipped <path>: <reason>"
 
 
@@ -296,7 +322,9 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     train_ds = ImageDataset(train_items, image_size=cfg.image_size, multiplier=cfg.multiplier,
                             strength=cfg.augment, seed=cfg.seed)
     val_ds = ImageDataset(val_items, image_size=cfg.image_size)
-    sampler = MicroBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, world)
+    train_counts = [sum(s.label == c for s in train_items) for c in range(len(class_names))]
+    sampler = MicroBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, world,
+                                weights=sampler_weights(cfg, train_ds))
     kw = dict(num_workers=min(cfg.workers, os.cpu_count() or 1), pin_memory=torch.cuda.is_available())
     # a private generator: worker seeds must not draw from the global RNG, or a resumed run's dropout
     # would see a shifted random stream (augmentations are seeded per (seed, epoch, index) anyway)
@@ -306,7 +334,24 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, val_idx),
                                              batch_size=cfg.eval_batch_size, **kw)
     return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items),
-                describe_unreadable(bad))
+                train_counts, describe_unreadable(bad))
+
+
+def sampler_weights(cfg: TrainConfig, train_ds) -> list[float] | None:
+    """--sampler balanced: P(index) ∝ 1/n_c of its class (None: the uniform permutation)."""
+    from nanopeft.balance import sampling_weights
+
+    return sampling_weights([train_ds.sample(i).label for i in range(len(train_ds))]) \
+        if cfg.sampler == "balanced" else None
+
+
+def make_criterion(cfg: TrainConfig, data: Data, device: torch.device) -> nn.Module:
+    """Cross-entropy with the recipe's label smoothing, and with --class-weights balanced the weights
+    of nanopeft/balance.py (n/(C·n_c), or 1 under --sampler balanced)."""
+    from nanopeft.balance import class_weights
+
+    weight = class_weights(data.train_counts, cfg.sampler).to(device) if cfg.class_weights == "balanced" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -332,15 +377,45 @@ def build_model(cfg: TrainConfig, system: System, num_classes: int) -> tuple[nn.
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp) -> tuple[int, int]:
+def evaluate(model, loader, device, amp, criterion: nn.CrossEntropyLoss, num_classes: int) -> list[float]:
+    """This rank's share of the validation sums nanopeft/history.py turns into scores:
+    [Σ w_y·loss, Σ w_y, confusion matrix (C·C)], w the class weights (1 without them)."""
     model.eval()
-    correct = total = 0
+    loss_sum, weight_sum = 0.0, 0.0
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.float64)
     for x, y in loader:
         with autocast(device, amp):
             logits = model(x.to(device, non_blocking=True))
-        correct += (logits.argmax(-1).cpu() == y).sum().item()
-        total += len(y)
-    return correct, total
+        y = y.to(device)
+        w = criterion.weight
+        loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=criterion.label_smoothing,
+                               reduction="none")  # w_y·ℓ per image: summed / Σ w_y = the "mean" reduction
+        loss_sum += loss.sum().item()
+        weight_sum += (w[y].sum() if w is not None else torch.tensor(float(len(y)))).item()
+        cm += torch.bincount((y * num_classes + logits.argmax(-1)).cpu(), minlength=num_classes ** 2).double()
+    return [loss_sum, weight_sum, *cm.tolist()]
+
+
+def validate(wrapped, data: Data, system: System, criterion) -> dict:
+    """{val_accuracy, val_loss, val_macro_f1} over the whole validation split (summed over ranks)."""
+    C = len(data.class_names)
+    sums = all_sum(evaluate(wrapped, data.val_loader, system.device, system.amp, criterion, C), system.device)
+    return validation_scores(sums, C)
+
+
+def report_epoch(log: RunLog, out: Path, system: System, val: dict, epoch: int, elapsed: float, best: bool,
+                 cfg: TrainConfig) -> None:
+    """The epoch's row in metrics.jsonl and its line in train.log; metrics.csv and curves.png redrawn."""
+    mem = peak_memory_mb(system.device)
+    log.record(epoch=epoch, **val, peak_memory_mb=mem, elapsed_s=elapsed, best=best)
+    log.say(f"epoch {epoch}: val accuracy {val['val_accuracy']:.4f}, macro F1 {val['val_macro_f1']:.4f}, "
+            f"loss {val['val_loss']:.4f}{f' (best {cfg.select_metric}, saved)' if best else ''}, "
+            f"peak memory {mem:,.0f} MB")
+    if system.master:
+        try:
+            write_history(out, f"Training: {out.name}")
+        except (OSError, ValueError) as e:  # a picture must never stop a run
+            log.say(f"warning: could not write metrics.csv / curves.png: {e}")
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -364,7 +439,8 @@ def open_run(cfg: TrainConfig, args, system: System, model, optimizer, scaler, d
     if system.master:
         try:
             write_run_config(out, cfg, class_names=data.class_names, parameters=counts, world_size=system.world,
-                             n_train=data.n_train, n_val=data.n_val)
+                             n_train=data.n_train, n_val=data.n_val,
+                             train_class_counts=dict(zip(data.class_names, data.train_counts)))
         except OSError as e:
             fail(f"cannot write {out / 'config.json'}: {e.strerror or e}")
     log = RunLog(out, system.master, metrics_bytes=state["metrics_bytes"])
@@ -396,13 +472,14 @@ def checkpoint(out: Path, cfg: TrainConfig, system: System, model, optimizer, sc
     return out
 
 
-def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict) -> None:
+def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict, class_names: list[str],
+              scores: dict) -> None:
     """The best epoch's adapter/ (rank 0; finite weights only); a failed write is a one-line error naming the file."""
     if not system.master:
         return
     check_finite_weights(model, state, out)
     try:
-        save_run_weights(model, cfg, out / "adapter")
+        save_run_weights(model, cfg, out / "adapter", class_names, scores)
     except (OSError, RuntimeError) as e:
         fail(f"cannot write {out / 'adapter'}: {getattr(e, 'strerror', None) or str(e).splitlines()[-1]} "
              f"(disk full?); the previous checkpoint is kept")
@@ -456,6 +533,7 @@ def finish_run(out: Path, cfg: TrainConfig, args, system: System, state: dict, c
     summary = {"run": str(out), "method": cfg.method, "best_val_accuracy": state["best_val"],
                "best_epoch": state["best_epoch"], "steps": state["step"], "train_time_s": elapsed,
                "trainable_parameters": counts["trainable"], "peak_memory_mb": peak_memory_mb(system.device),
+               "select_metric": cfg.select_metric, "best_score": state.get("best_score"),
                "skipped_steps": state["skipped_steps"]}
     if system.master:
         log.say(write_summary(out, summary))
@@ -485,7 +563,7 @@ def main(argv=None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == torch.float16))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = make_criterion(cfg, data, device)
     micro_per_epoch = data.sampler.num_batches()
     total_steps = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
     out, state, log = open_run(cfg, args, system, model, optimizer, scaler, data, counts)
@@ -548,19 +626,12 @@ def main(argv=None) -> dict:
             log.say(f"stopped after {state['step']} steps (--max-steps); resume with --resume {out}")
             break
         # ------------------------------------------------------------ epoch end
-        correct, total = all_sum(list(evaluate(wrapped, data.val_loader, device, amp)), device)
-        val_acc = correct / max(total, 1)
+        val = validate(wrapped, data, system, criterion)
         state.update(epoch=epoch + 1, batches_done=0)
-        improved = val_acc > state["best_val"] + cfg.min_delta
-        if improved:
-            state.update(best_val=val_acc, best_epoch=epoch + 1, bad_epochs=0)
-            save_best(model, cfg, system, out, state)
-        else:
-            state["bad_epochs"] += 1
-        log.record(epoch=epoch + 1, val_accuracy=val_acc, peak_memory_mb=peak_memory_mb(device),
-                   elapsed_s=time.perf_counter() - t_start, best=improved)
-        log.say(f"epoch {epoch + 1}: val accuracy {val_acc:.4f}{' (best, saved)' if improved else ''}, "
-                f"peak memory {peak_memory_mb(device):,.0f} MB")
+        best = keep_best(state, val, cfg.select_metric, cfg.min_delta, epoch + 1)
+        if best:
+            save_best(model, cfg, system, out, state, data.class_names, {"epoch": epoch + 1, **val})
+        report_epoch(log, out, system, val, epoch + 1, time.perf_counter() - t_start, best, cfg)
         if state["bad_epochs"] >= cfg.patience:
             log.say(f"early stop: no improvement for {cfg.patience} epochs")
             stop = True

@@ -185,6 +185,10 @@ class TrainConfig:
     num_classes: int = 0              # 0 = from the data (--dry-run without data: 9)
     # reliability
     ckpt_every: int = 0               # also write resume.pt every N optimizer steps (0 = at each epoch end only)
+    # reporting and selection
+    select_metric: str = "val_accuracy"  # keeps the best adapter and drives early stopping: val_accuracy (the paper) | val_macro_f1 | val_loss (lower is better)
+    class_weights: str = "none"       # none | balanced: cross-entropy weights n/(C·n_c) for imbalanced training folders
+    sampler: str = "uniform"          # uniform (each image once per epoch) | balanced (classes drawn equally often, with replacement)
 
     def resolved(self) -> "TrainConfig":
         """Check every choice and turn the text of flags and config.json into the values the code uses,
@@ -194,6 +198,7 @@ class TrainConfig:
         c = dataclasses.replace(self)
         checks = {"method": METHODS, "quant": ("nf4", "none"), "pool": POOLS,
                   "augment": ("none", "light", "medium", "heavy"), "precision": PRECISIONS}
+        checks.update(REPORTING_CHOICES)
         for name, choices in checks.items():
             if getattr(c, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(c, name)!r}")
@@ -221,6 +226,9 @@ class TrainConfig:
 
 
 ROPE_FIELDS = ("rope_rescale", "rope_shift", "rope_jitter")
+SELECT_METRICS = ("val_accuracy", "val_macro_f1", "val_loss")  # val_loss: lower is better
+REPORTING_CHOICES = {"select_metric": SELECT_METRICS, "class_weights": ("none", "balanced"),
+                     "sampler": ("uniform", "balanced")}
 
 # The numeric flags' valid ranges, as (low, low inclusive, high, high inclusive): a value outside is a
 # one-line error naming the flag before anything runs (a dropout of 1.5 or an alpha of 0 would otherwise
@@ -275,6 +283,10 @@ def _parse_rope(value, flag: str):
 # The paper's 11 rows (docs/RECIPE.md ("The 11 configurations")). Scratch baselines: AdamW 1e-3, wd 1e-4, batch 32, patience 15.
 _SCRATCH = dict(lr=1e-3, weight_decay=1e-4, batch_size=32, grad_accum=1, patience=15, epochs=150,
                 grad_checkpointing=False)
+# The recipe a method trains with when no preset says otherwise: the dataclass defaults are the PEFT
+# recipe (micro-batch 4 × 8), which would put BatchNorm over 4 images and lr 1e-4 on a network trained
+# from scratch; `--method resnet18` alone therefore means the study's scratch recipe, as its preset does.
+METHOD_RECIPES: dict[str, dict] = {m: _SCRATCH for m in SCRATCH_METHODS}
 PAPER_RUNS: dict[str, dict] = {
     "resnet18-scratch": dict(method="resnet18", **_SCRATCH),
     "vit-small-scratch": dict(method="vit-small", **_SCRATCH),
@@ -316,8 +328,11 @@ def add_config_args(parser, cls=TrainConfig):
     return parser
 
 
-def config_from_args(args, cls=TrainConfig) -> TrainConfig:
-    """Defaults < --preset < explicitly given flags."""
+def config_from_args(args, cls=TrainConfig, recorded: dict | None = None) -> TrainConfig:
+    """Defaults < the method's recipe (METHOD_RECIPES) < --preset < explicitly given flags.
+    recorded: a recorded run's fields (train.py --config), which replace the defaults; the method's
+    recipe (or for a DINOv3 method the defaults of the recipe's fields) then applies only when a flag
+    changes the method."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if getattr(args, f.name, None) is not None}
     base = {}
@@ -325,4 +340,11 @@ def config_from_args(args, cls=TrainConfig) -> TrainConfig:
         if given["preset"] not in PAPER_RUNS:
             raise ValueError(f"--preset must be one of {sorted(PAPER_RUNS)}, got {given['preset']!r}")
         base = PAPER_RUNS[given["preset"]]
-    return cls(**{**base, **given})
+    recorded = recorded or {}
+    method = given.get("method", base.get("method", recorded.get("method", cls.method)))
+    recipe = METHOD_RECIPES.get(method, {})
+    if recorded and method != recorded.get("method"):  # another method: its recipe, not the recorded one's
+        recipe = {**{k: getattr(cls, k) for k in _SCRATCH}, **recipe}
+    elif recorded:
+        recipe = {}
+    return cls(**{**recorded, **recipe, **base, **given})

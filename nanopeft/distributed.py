@@ -19,14 +19,23 @@ import torch.distributed as dist
 
 class MicroBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's slice of every micro-batch of a seeded per-epoch shuffle (drop_last, as the
-    paper). `skip` resumes mid-epoch after that many micro-batches."""
+    paper). `skip` resumes mid-epoch after that many micro-batches.
+
+    weights (one per dataset index, e.g. balance.sampling_weights): instead of a permutation, each epoch
+    draws n indices with replacement, P(i) ∝ weights[i] (`--sampler balanced`). The draw is seeded by
+    (seed, epoch) like the permutation, so every rank computes the same global order and slices it as
+    above, and a resumed epoch skips into the same order."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = True, drop_last: bool = True):
+                 shuffle: bool = True, drop_last: bool = True, weights=None):
         if batch_size % world:
             raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} processes")
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights is not None and (self.weights.shape != (n,) or not (self.weights >= 0).all()
+                                         or self.weights.sum() <= 0):
+            raise ValueError(f"MicroBatchSampler: weights must be {n} non-negative numbers, not all zero")
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0):
@@ -38,12 +47,15 @@ class MicroBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.num_batches() - self.skip
 
+    def order(self) -> list[int]:
+        """The epoch's global order of dataset indices (the same on every rank)."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        return torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        order = self.order()
         per_rank = self.batch_size // self.world
         for b in range(self.skip, self.num_batches()):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]

@@ -1,11 +1,14 @@
 """The run folder train.py writes and eval.py reads: everything a run leaves behind, and reading it back.
 
     runs/<name>-<time>/
-        config.json      the TrainConfig (command-line form), class names, parameter counts, data sizes
+        config.json      the TrainConfig (command-line form), class names, parameter counts, data sizes,
+                         training images per class (train_class_counts); train.py --config re-runs it
         train.log        what the run printed
-        metrics.jsonl    one JSON object per optimizer step {step, epoch, loss, lr, images_per_s} and
-                         per epoch {epoch, val_accuracy, peak_memory_mb, elapsed_s, best}
-        adapter/         the best epoch's trained weights in PEFT's format (save.py)
+        metrics.jsonl    one JSON object per optimizer step {step, epoch, loss, lr, images_per_s} and per
+                         epoch {epoch, val_accuracy, val_loss, val_macro_f1, peak_memory_mb, elapsed_s, best}
+        metrics.csv      one row per epoch, and curves.png: redrawn from metrics.jsonl each epoch (history.py)
+        adapter/         the best epoch's (--select-metric) trained weights in PEFT's format (save.py) and
+                         a model card README.md
         resume.pt        trainable tensors, optimizer, GradScaler, loop state, RNG: --resume continues here
         summary.json     best validation accuracy, steps, time, trainable parameters, peak memory
 
@@ -137,10 +140,12 @@ def swap_in(staging: Path, out: Path) -> None:
 
 
 def write_run_config(out: Path, cfg: TrainConfig, *, class_names: list[str], parameters: dict,
-                     world_size: int, n_train: int, n_val: int) -> None:
+                     world_size: int, n_train: int, n_val: int, train_class_counts: dict | None = None) -> None:
+    """train_class_counts: {class: training images}, the prior predict/eval's --prior-correction reads."""
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"train": cfg.to_dict(), "class_names": class_names, "num_classes": len(class_names),
-                       "parameters": parameters, "world_size": world_size, "n_train": n_train, "n_val": n_val},
+                       "parameters": parameters, "world_size": world_size, "n_train": n_train, "n_val": n_val,
+                       **({"train_class_counts": train_class_counts} if train_class_counts else {})},
                       indent=2)
     atomic_write(out / "config.json", lambda p: p.write_text(text))
 
@@ -272,16 +277,45 @@ def load_resume(out: Path, model: nn.Module, optimizer, scaler, state: dict) -> 
 
 
 # ------------------------------------------------------------------------------------------ adapter/
-def save_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
+def save_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path, class_names: list[str] | None = None,
+                     scores: dict | None = None) -> None:
     """Everything trained, in one PEFT-format folder: adapters + head (DINOv3 methods), or the whole
-    scratch network as extra tensors `base_model.model.<name>`. Re-saving a run's best replaces it."""
-    from .save import save_adapter
+    scratch network as extra tensors `base_model.model.<name>`, with a model card README.md (classes,
+    the validation scores, how to load it). Re-saving a run's best replaces it."""
+    from .save import base_model_id, save_adapter
 
+    card = adapter_card(cfg, class_names or [], scores or {})
     if cfg.method in SCRATCH_METHODS:
-        save_adapter(model, directory, extra_state=model.state_dict(), overwrite=True)
+        save_adapter(model, directory, extra_state=model.state_dict(), overwrite=True, card=card,
+                     library_name="pytorch")
     else:
-        save_adapter(model.backbone, directory, head=model.head, base_model_name_or_path=cfg.weights,
-                     overwrite=True)
+        save_adapter(model.backbone, directory, head=model.head, base_model_name_or_path=base_model_id(cfg.weights),
+                     overwrite=True, card=card)
+
+
+def adapter_card(cfg: TrainConfig, class_names: list[str], scores: dict) -> str:
+    """The body of adapter/README.md (save.py writes the front matter)."""
+    run = Path(cfg.out or ".")
+    scratch = cfg.method in SCRATCH_METHODS
+    what = (f"the whole {cfg.method} network trained from scratch (not a PEFT adapter: nanopeft loads it)"
+            if scratch else f"{cfg.method} adapters (rank {cfg.rank}, targets {cfg.to_dict()['targets']}) and "
+            f"the classification head")
+    lines = [f"# {run.name or run_name(cfg)}: {len(class_names)}-class image classifier", "",
+             f"Trained with nanopeft `train.py` (`--method {cfg.method}`): {what}.", ""]
+    if scores:
+        lines += ["## Validation (the epoch kept)", "", *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}"
+                                                          for k, v in scores.items()], ""]
+    if class_names:
+        lines += ["## Classes", "", ", ".join(f"{i}: {n}" for i, n in enumerate(class_names)), ""]
+    lines += ["## How to use", "", "```bash", f"python eval.py --run {run} --data TEST_DIR",
+              f"python predict.py --run {run} --data IMAGES --out predictions.csv",
+              f"python export.py --run {run} --out model/", "```", ""]
+    if not scratch:
+        lines += ["The backbone adapter also loads in PEFT (the head under `classifier.*` is ignored there):", "",
+                  "```python", "import transformers, peft",
+                  f'base = transformers.DINOv3ViTModel.from_pretrained("{cfg.weights}")',
+                  f'model = peft.PeftModel.from_pretrained(base, "{run / "adapter"}")', "```", ""]
+    return "\n".join(lines)
 
 
 def load_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:

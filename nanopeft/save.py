@@ -7,6 +7,7 @@
         base_model.model.classifier.<param>     the head, if one is given (PEFT's modules_to_save naming)
         base_model.model.<name>                 extra tensors (`extra_state`), listed in the file's metadata
     <dir>/adapter_config.json                   PEFT's LoraConfig fields
+    <dir>/README.md                             model card: YAML front matter (library_name: peft, base_model)
 
 Key paths. PEFT prefixes `base_model.model.` to the module path inside the wrapped transformers model.
 In transformers 5 the blocks of DINOv3ViTModel live at `model.layer.N`, so our `layer.N.attention.q_proj`
@@ -29,6 +30,12 @@ JSON; a pickled `adapter_model.bin` is never opened, so a crafted file cannot ru
 file + os.replace). An existing adapter of a different shape (method, r, alpha, targets, head) in the
 directory is not overwritten unless overwrite=True; re-saving the same adapter (checkpoints of one run) is.
 A directory with only a head or extra tensors (no adapters) is valid for load_adapter, not for PEFT.
+
+The base model. `base_model_name_or_path` and the card's `base_model:` name the hub id of a released DINOv3
+(`facebook/dinov3-vit7b16-pretrain-lvd1689m`, docs/DINOV3.md ("Released sizes")) when the backbone is one
+(base_model_id), so the hub links the adapter to its base; any other backbone is named by its path. The
+card follows PEFT's save_pretrained: front matter with `library_name: peft`, `base_model`, and tags
+`base_model:adapter:<id>` and `lora`. A README.md that nanopeft did not write is never replaced.
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint import guess_preset
 from .checkpoint_format import CheckpointError, check_finite, parse_json, read_json, read_safetensors_header
+from .config import PRESETS
 from .dora import DoRALinear
 from .inject import adapter_layers, add_adapters
 
@@ -93,6 +102,48 @@ def adapter_config(model: nn.Module, *, head: bool = False, base_model_name_or_p
     }
 
 
+HUB_ID = "facebook/dinov3-{}-pretrain-{}"  # lvd1689m for every size; ViT-L and 7B also sat493m
+CARD_NAME, CARD_MARK = "README.md", "<!-- written by nanopeft: replaced on every save -->"
+ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "use_gated_mlp",
+               "patch_size", "num_register_tokens")
+
+
+def base_model_id(weights) -> str:
+    """The hub id of the released DINOv3 behind `weights`, else the path as given. The size comes from the
+    folder's config.json (its architecture fields equal to a release's: docs/DINOV3.md ("Released
+    sizes")) or, without one, from the name (a Meta .pth like dinov3_vit7b16_pretrain_lvd1689m-….pth);
+    a config.json of no released size (a tiny test model, a custom ViT) keeps the path."""
+    path = Path(str(weights))
+    config = path / "config.json" if path.is_dir() else path.with_name("config.json")
+    pths = sorted(path.glob("*.pth")) if path.is_dir() else []
+    name = path.name if guess_preset(path.name) or len(pths) != 1 else pths[0].name  # a folder holding one .pth
+    preset = guess_preset(name)
+    if config.is_file():
+        try:
+            arch = json.loads(config.read_text())
+            preset = next((n for n, p in PRESETS.items() if n != "tiny"
+                           and all(arch.get(f) == getattr(p, f) for f in ARCH_FIELDS)), None)
+        except (OSError, ValueError, AttributeError):
+            preset = None
+    if preset is None:
+        return str(weights)
+    data = "sat493m" if "sat493m" in name.lower() and preset in ("vitl16", "vit7b16") else "lvd1689m"
+    return HUB_ID.format(preset, data)
+
+
+def model_card(config: dict, body: str = "", library_name: str = "peft") -> str:
+    """README.md for an adapter folder: PEFT's front matter (library_name, base_model, tags), then body."""
+    base = config.get("base_model_name_or_path")
+    tags = sorted({"lora", *(["dora"] if config.get("use_dora") else []), "nanopeft", "image-classification",
+                   *([f"base_model:adapter:{base}"] if base else [])})
+    front = ["---", *([f"base_model: {base}"] if base else []), f"library_name: {library_name}",
+             "pipeline_tag: image-classification", "tags:", *[f"- {t}" for t in tags], "---", CARD_MARK, ""]
+    if not body:
+        body = (f"# {'DoRA' if config.get('use_dora') else 'LoRA'} adapter\n\nRank {config.get('r')}, alpha "
+                f"{config.get('lora_alpha')}, on {base or 'a DINOv3 backbone'}; written by nanopeft.\n")
+    return "\n".join(front) + "\n" + body
+
+
 def atomic_write(path: Path, write) -> None:
     """write(tmp), fsync, rename onto path, fsync the folder: a crash or power cut at any moment leaves
     the old file or the new one, never half of one (without the fsyncs the rename can reach the disk
@@ -117,12 +168,15 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, extra_state=None,
-                 base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+                 base_model_name_or_path: str | None = None, overwrite: bool = False, card: str | None = None,
+                 library_name: str = "peft") -> Path:
     """Write the model's adapters (+ an optional head and extra tensors) in PEFT's format; returns the dir.
 
     model: the backbone holding the adapters (DINOv3ViT after add_adapters), not a backbone+head wrapper.
     head: any nn.Module, stored as `base_model.model.classifier.<its state_dict key>`.
     extra_state: {name: tensor}, stored as `base_model.model.<name>` (e.g. a scratch baseline's weights).
+    card: write README.md, this text below PEFT's front matter (model_card; "" = a short default body);
+    library_name: the front matter's (scratch networks are no PEFT adapter: "pytorch").
     """
     directory = Path(directory)
     config = adapter_config(model, head=head is not None, base_model_name_or_path=base_model_name_or_path)
@@ -165,6 +219,10 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     metadata = {"format": "pt", EXTRA_META: json.dumps(sorted(extra))}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     atomic_write(old, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    readme = directory / CARD_NAME
+    if card is not None and (not readme.exists() or CARD_MARK in readme.read_text(errors="replace")):
+        text = model_card(config, card, library_name)  # never over a README.md someone else wrote
+        atomic_write(readme, lambda p: p.write_text(text))
     return directory
 
 
