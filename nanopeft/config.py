@@ -169,8 +169,6 @@ class TrainConfig:
     grad_clip: float = 0.0            # 0 = off (the paper did not clip)
     patience: int = 5                 # early stopping on validation accuracy
     min_delta: float = 1e-4
-    grad_checkpointing: bool = True   # recompute each block in backward
-    precision: str = "auto"           # auto: bf16 autocast on GPUs with bf16, else fp16 + GradScaler; fp32 on CPU
     rope_rescale: str | float | None = "config"  # train-time RoPE coordinate augmentation: config (config.json: 2.0 on the hub) | none | a float
     rope_shift: str | float | None = "config"
     rope_jitter: str | float | None = "config"
@@ -182,6 +180,12 @@ class TrainConfig:
     out: str = ""                     # run folder; "" = runs/<preset-or-method>-<time>
     preset: str = ""                  # one of the paper's rows (PAPER_RUNS); flags given explicitly win
     num_classes: int = 0              # 0 = from the data (--dry-run without data: 9)
+    # performance (nanopeft/device.py, nanopeft/memory.py; docs/BENCHMARKS.md ("Whole step and inference"))
+    precision: str = "auto"           # auto: bf16 autocast on GPUs with bf16 (else fp16 + GradScaler) and on CPUs with AVX512-BF16/AMX, else fp32
+    grad_checkpointing: str = "all"   # all | none | auto: recompute blocks in backward; auto: the fewest that fit --memory-budget
+    memory_budget: float = 0.0        # GB for --grad-checkpointing auto; 0 = the GPU's free memory (CPU: available RAM)
+    dora_dropout: str = "peft"        # peft (the study's semantics) | lora (dropout on the low-rank path only, one frozen pass)
+    dropout_sampler: str = "bits"     # bits (exact Bernoulli masks from raw random bits, faster) | torch (nn.Dropout: PEFT's masks seed for seed)
 
     def resolved(self) -> "TrainConfig":
         """Check every choice and turn the text of flags and config.json into the values the code uses,
@@ -199,6 +203,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
         if not 0.0 < c.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
+        _resolve_performance(c)
         c.alpha = 2.0 * c.rank if c.alpha is None else c.alpha
         c.dropout = (0.1 if c.rank <= 8 else 0.05) if c.dropout is None else c.dropout
         c.targets = _parse_targets(c.targets)
@@ -219,6 +224,24 @@ class TrainConfig:
 
 
 ROPE_FIELDS = ("rope_rescale", "rope_shift", "rope_jitter")
+GRAD_CHECKPOINTING = ("all", "none", "auto")
+
+
+def _resolve_performance(c: TrainConfig) -> None:
+    """Check the performance fields in place. A run's config.json from before --grad-checkpointing took
+    all | none | auto stores true / false: read as all / none."""
+    from .dora import DORA_DROPOUT_MODES  # lazy: the adapter modules import torch, config stays a leaf
+    from .lora import DROPOUT_SAMPLERS
+
+    if isinstance(c.grad_checkpointing, bool):
+        c.grad_checkpointing = "all" if c.grad_checkpointing else "none"
+    choices = {"grad_checkpointing": GRAD_CHECKPOINTING, "dora_dropout": DORA_DROPOUT_MODES,
+               "dropout_sampler": DROPOUT_SAMPLERS}
+    for name, allowed in choices.items():
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(c, name)!r}")
+    if not c.memory_budget >= 0:
+        raise ValueError(f"--memory-budget must be >= 0 GB (0: the free memory), got {c.memory_budget}")
 
 
 def _parse_targets(targets):
@@ -247,7 +270,7 @@ def _parse_rope(value, flag: str):
 
 # The paper's 11 rows (docs/RECIPE.md ("The 11 configurations")). Scratch baselines: AdamW 1e-3, wd 1e-4, batch 32, patience 15.
 _SCRATCH = dict(lr=1e-3, weight_decay=1e-4, batch_size=32, grad_accum=1, patience=15, epochs=150,
-                grad_checkpointing=False)
+                grad_checkpointing="none")
 PAPER_RUNS: dict[str, dict] = {
     "resnet18-scratch": dict(method="resnet18", **_SCRATCH),
     "vit-small-scratch": dict(method="vit-small", **_SCRATCH),
