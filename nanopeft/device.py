@@ -66,6 +66,22 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return choose_precision(device, precision)[0]
 
 
+MERGE_PATHS = {  # eval.py / predict.py --merge: what each computes (docs/DORA.md ("Merging"))
+    "yes": "adapters merged into dense Linears in the compute dtype (the fast path; exact up to rounding "
+           "W0 + ΔW into that dtype)",
+    "requantize": "adapters merged and rounded back to NF4 (4× smaller; outputs move by about one NF4 step)",
+    "no": "adapters unmerged on the NF4 base (what training evaluated; slower)",
+}
+
+
+def inference_precision(device: torch.device, precision: str = "auto",
+                        merge: str | None = "yes") -> tuple[torch.dtype | None, str]:
+    """(autocast dtype, the line eval.py / predict.py print): the precision choose_precision picks
+    and the inference path `merge` takes (None: a model exported as it is, nothing to merge)."""
+    dtype, why = choose_precision(device, precision)
+    return dtype, f"inference: {why}" + (f"; {MERGE_PATHS[merge]}" if merge else "")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

@@ -137,3 +137,14 @@ def test_memory_budget_is_most_of_the_free_memory_plus_what_the_process_holds():
     with open("/proc/meminfo") as f:
         total = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal:")) / 1e9
     assert 0 < gb <= 0.9 * total + 1e-6 and "RAM" in source
+
+
+def test_eval_and_predict_say_which_inference_path(monkeypatch):
+    from nanopeft.device import inference_precision
+
+    monkeypatch.setattr(device_mod, "fast_cpu_bf16", lambda *a: True)
+    dtype, line = inference_precision(CPU, "auto", "yes")
+    assert dtype == torch.bfloat16 and "bf16" in line and "merged into dense Linears" in line
+    assert "NF4" in inference_precision(CPU, "fp32", "requantize")[1]
+    assert "unmerged" in inference_precision(CPU, "fp32", "no")[1]
+    assert inference_precision(CPU, "fp32", None) == (None, "inference: fp32 (--precision fp32)")
