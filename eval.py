@@ -37,7 +37,7 @@ from nanopeft.augment import resize_normalize
 from nanopeft.config import TrainConfig
 from nanopeft.data import ImageDataset, check_images, load_image, scan_dataset, stratified_split
 from nanopeft.metrics import compute_metrics, format_report
-from nanopeft.device import autocast, autocast_dtype, resolve_device, threads_beside_workers
+from nanopeft.device import autocast, inference_precision, resolve_device, threads_beside_workers
 from nanopeft.plots import save_confusion_matrix
 from nanopeft.predict import read_run as _read_run
 from nanopeft.predict import run_classifier, run_train_priors
@@ -253,7 +253,8 @@ def print_summary(metrics: dict, speed: dict, batch_size: int, out: Path) -> Non
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    amp = autocast_dtype(device, args.precision)
+    amp, path = inference_precision(device, args.precision, args.merge)
+    print(path)
     cfg0, saved0 = read_run(args.runs[0])
     names = saved0["class_names"]
     items = test_items(args, cfg0, saved0)

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from nanopeft.distributed import init_distributed
-from nanopeft.device import autocast_dtype, resolve_device, threads_beside_workers
+from nanopeft.device import inference_precision, resolve_device, threads_beside_workers
 from nanopeft.predict import list_inputs, predict_to_csv, run_classifier, run_train_priors, read_run
 from nanopeft.prior import check_method
 
@@ -75,7 +75,9 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
-    amp = autocast_dtype(device, args.precision)
+    amp, path = inference_precision(device, args.precision, "yes" if args.run else None)
+    if rank == 0:
+        print(path)
     if device.type == "cpu" and args.workers > 0:  # leave the DataLoader workers their cores
         torch.set_num_threads(threads_beside_workers(args.workers, world))
     try:

@@ -39,10 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanopeft.budget import count_params, estimate_gpu_memory
-from nanopeft.build import build_classifier
+from nanopeft.budget import count_params
+from nanopeft.build import build_classifier, memory_estimate, plan_checkpointing
 from nanopeft.config import ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args
-from nanopeft.device import autocast, autocast_dtype, peak_memory_mb, resolve_device, threads_beside_workers
+from nanopeft.device import autocast, choose_precision, peak_memory_mb, resolve_device, threads_beside_workers
 from nanopeft.distributed import all_sum
 from nanopeft.history import keep_best, validation_scores, write_history
 from nanopeft.run import (RunError, RunLog, check_new_run_folder, clean_stale_files, load_resume, lock_run_folder,
@@ -180,15 +180,39 @@ def dry_run(cfg: TrainConfig) -> None:
     C = cfg.num_classes or 9
     model = build_classifier(cfg, C, torch.device("cpu"), meta=True)
     counts = count_params(model)
-    mem = estimate_gpu_memory(model, cfg, counts)
     print(json.dumps(cfg.to_dict(), indent=2))
     print(f"classes:              {C}")
     print(f"adapter parameters:   {counts['adapter']:,}")
     print(f"head parameters:      {counts['head']:,}")
     print(f"trainable parameters: {counts['trainable']:,}")
     print(f"total parameters:     {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.2f}% trainable)")
-    print(f"estimated peak GPU memory: {mem['total_gb']:.1f} GB (weights {mem['weights_gb']:.2f}, "
-          f"trainable+AdamW {mem['trainable_state_gb']:.2f}, activations {mem['activations_gb']:.2f})")
+    if cfg.method in DINO_METHODS:
+        print_memory_model(model, cfg)
+
+
+GPU_16GB, CUDA_CONTEXT_GB = 16.0, 0.5  # the paper's GPU class; a CUDA context is outside torch's allocator
+
+
+def print_memory_model(model, cfg: TrainConfig) -> None:
+    """--dry-run: nanopeft/memory.py's model of one step, on this machine as the run would train, and on
+    one CUDA GPU (bf16 unless --precision says otherwise) with the 16 GB verdict."""
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        fail(str(e))
+    amp, why = choose_precision(device, cfg.precision)
+    print(f"precision:            {why}")
+    print(plan_checkpointing(model, cfg, device, amp))
+    k = model.backbone.gradient_checkpointing
+    if device.type != "cuda":
+        gpu_dtype = {"fp32": None, "fp16": torch.float16}.get(cfg.precision, torch.bfloat16)
+        est = memory_estimate(model, cfg, torch.device("cuda"), gpu_dtype, checkpointed_blocks=k)
+        print(f"on one CUDA GPU ({'fp32' if gpu_dtype is None else str(gpu_dtype)[6:]}): {est.summary()}")
+    else:
+        est = memory_estimate(model, cfg, device, amp, checkpointed_blocks=k)
+    spare = GPU_16GB - CUDA_CONTEXT_GB - est.total
+    print(f"a 16 GB GPU: {'fits' if spare >= 0 else 'does NOT fit'}, {abs(spare):.1f} GB "
+          f"{'to spare' if spare >= 0 else 'short'} (after ~{CUDA_CONTEXT_GB} GB for the CUDA context)")
 
 
 def list_presets(cfg: TrainConfig) -> None:
@@ -210,6 +234,7 @@ class System:
     local: int
     device: torch.device
     amp: torch.dtype | None  # None: plain fp32
+    notes: list[str] = dataclasses.field(default_factory=list)  # machine-dependent choices and why, logged
 
     @property
     def master(self) -> bool:  # rank 0 writes the run folder and prints
@@ -228,7 +253,8 @@ def setup_system(cfg: TrainConfig) -> System:
     torch.manual_seed(cfg.seed)
     if device.type == "cpu" and cfg.workers > 0:
         torch.set_num_threads(threads_beside_workers(cfg.workers, world))
-    return System(rank, world, local, device, autocast_dtype(device, cfg.precision))
+    amp, why = choose_precision(device, cfg.precision)
+    return System(rank, world, local, device, amp, [f"precision: {why}"])
 
 
 def check_inputs(cfg: TrainConfig, args, system: System) -> None:
@@ -367,6 +393,10 @@ def build_model(cfg: TrainConfig, system: System, num_classes: int) -> tuple[nn.
     except (FileNotFoundError, CheckpointError) as e:
         fail(f"--weights {cfg.weights}: cannot load the backbone: {e}")
     except ValueError as e:  # what check_model_flags could not see (e.g. a scratch model's own checks)
+        fail(str(e))
+    try:
+        system.notes.append(plan_checkpointing(model, cfg, system.device, system.amp))
+    except ValueError as e:
         fail(str(e))
     if system.world == 1:
         return model, model
@@ -519,6 +549,8 @@ def log_setup(log: RunLog, cfg: TrainConfig, system: System, scaler, data: Data,
     w, n = system.world, data.sampler.num_batches()
     log.say(f"nanopeft train: {run_name(cfg)} on {system.device} ({w} process{'es' if w > 1 else ''}), "
             f"precision {system.amp or 'fp32'}{' + GradScaler' if scaler.is_enabled() else ''}")
+    for note in system.notes:
+        log.say(note)
     log.say(f"data: {data.n_train} train / {data.n_val} val images, {len(data.class_names)} classes, "
             f"×{cfg.multiplier} per epoch → {len(data.train_ds)} samples, {n} micro-batches of {cfg.batch_size}")
     log.say(f"parameters: adapter {counts['adapter']:,} + head {counts['head']:,} = {counts['trainable']:,} "
@@ -579,7 +611,7 @@ def main(argv=None) -> dict:
         data.sampler.set_epoch(epoch, skip=skip)
         bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not system.master,
                    initial=skip, total=micro_per_epoch, dynamic_ncols=True)
-        t0, seen, running = time.perf_counter(), 0, 0.0
+        t0, seen, running = time.perf_counter(), 0, torch.zeros((), device=device)
         for i, (x, y) in enumerate(bar, start=skip):
             group = i // cfg.grad_accum  # micro-batches in this accumulation group (the last may be short)
             group_size = min(cfg.grad_accum, micro_per_epoch - group * cfg.grad_accum)
@@ -591,7 +623,7 @@ def main(argv=None) -> dict:
                     logits = wrapped(x)
                 loss = criterion(logits.float(), y) / group_size  # mean over the whole group
                 scaler.scale(loss).backward()
-            running += loss.item()
+            running += loss.detach().float()  # on the device: no host sync until the log point below
             seen += len(y) * world
             if not last_in_group:
                 continue
@@ -609,12 +641,12 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ips = seen / (time.perf_counter() - t0)
-            loss_val = finite_loss(all_sum([running], device)[0] / world, state, out)
+            loss_val = finite_loss(all_sum([running.item()], device)[0] / world, state, out)  # the step's one host sync
             log.record(step=state["step"], epoch=epoch, loss=loss_val, lr=lr, images_per_s=ips)
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
             state["step"] += 1
             state["batches_done"] = i + 1
-            t0, seen, running = time.perf_counter(), 0, 0.0
+            t0, seen, running = time.perf_counter(), 0, torch.zeros((), device=device)
             if cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0 and i + 1 < micro_per_epoch:
                 out = checkpoint(out, cfg, system, model, optimizer, scaler, state, log)
             if cfg.max_steps and state["step"] >= cfg.max_steps:

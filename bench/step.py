@@ -44,6 +44,7 @@ def child(a) -> dict:
     kw = dict(method=a.method, rank=a.rank, alpha=2 * a.rank, dropout=a.dropout, targets=a.targets, dtype=dtype,
               checkpointing=True)
     if a.side == "nanopeft":
+        kw["checkpointing"] = a.our_checkpointing == "all"  # none: what --grad-checkpointing auto picks with room
         model = build_nanopeft(folder, dora_dropout=a.dora_dropout, dropout_sampler=a.sampler, **kw)
     else:
         model = build_reference(folder, **kw)
@@ -91,7 +92,8 @@ def rows(a) -> list[dict]:
 def child_args(row: dict, side: str, a) -> list[str]:
     args = [f"--{k}={v}" for k, v in row.items()] + [f"--side={side}", f"--steps={a.steps}",
                                                       f"--dropout={a.dropout}", f"--image-size={a.image_size}",
-                                                      f"--dora-dropout={a.dora_dropout}", f"--sampler={a.sampler}"]
+                                                      f"--dora-dropout={a.dora_dropout}", f"--sampler={a.sampler}",
+                                                      f"--our-checkpointing={a.our_checkpointing}"]
     return args + ([f"--threads={a.threads}"] if a.threads else [])
 
 
@@ -110,6 +112,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dora-dropout", default="peft", choices=["peft", "lora"], help="nanopeft's DoRA dropout mode")
     p.add_argument("--sampler", default="torch", choices=["torch", "bits"], help="nanopeft's dropout sampler")
+    p.add_argument("--our-checkpointing", default="all", choices=["all", "none"],
+                   help="nanopeft's gradient checkpointing (none: --grad-checkpointing auto's pick when memory allows)")
     p.add_argument("--sides", default="reference,nanopeft", help="comma list: reference, nanopeft")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--json", type=Path, help="also write the rows here")

@@ -52,7 +52,7 @@ def build_backbone(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | 
                                    jitter=rope(cfg.rope_jitter, c.pos_embed_jitter),
                                    rescale=rope(cfg.rope_rescale, c.pos_embed_rescale))
     backbone.requires_grad_(False)  # the base is frozen: only adapters and the head train
-    backbone.gradient_checkpointing = cfg.grad_checkpointing
+    backbone.gradient_checkpointing = cfg.grad_checkpointing != "none"  # auto: plan_checkpointing decides
     return backbone
 
 
@@ -73,8 +73,51 @@ def build_classifier(cfg: TrainConfig, num_classes: int, device: torch.device,
         from .inject import add_adapters
 
         add_adapters(backbone, method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                     targets=cfg.targets, use_rslora=cfg.use_rslora)
+                     targets=cfg.targets, use_rslora=cfg.use_rslora, dora_dropout=cfg.dora_dropout,
+                     dropout_sampler=cfg.dropout_sampler)
     with torch.device("meta") if meta else contextlib.nullcontext():
         head = make_head(backbone.feature_dim(cfg.pool), num_classes, dropout=cfg.head_dropout)
     model = Classifier(backbone, head, pool=cfg.pool)
     return model if meta else model.to(device)
+
+
+def memory_estimate(model: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
+                    checkpointed_blocks: int | None = None):
+    """nanopeft/memory.py's model of one training step of `model` as `cfg` runs it (meta is fine)."""
+    from .memory import estimate_training_memory
+
+    L = model.backbone.config.num_hidden_layers
+    k = {"all": L, "none": 0}.get(cfg.grad_checkpointing, L) if checkpointed_blocks is None else checkpointed_blocks
+    return estimate_training_memory(model, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                                    compute_dtype=dtype or torch.float32, quantized=cfg.quant == "nf4",
+                                    checkpointed_blocks=k, device=device.type)
+
+
+def plan_checkpointing(model: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
+                       budget_gb: float | None = None) -> str:
+    """Set which blocks of the backbone recompute in backward, from --grad-checkpointing all | none | auto,
+    and return the log line saying what was chosen and why. auto: the fewest blocks whose step fits the
+    budget by nanopeft/memory.py (--memory-budget, else device.memory_budget_gb: the free memory), since
+    each recomputed block costs a third of its matmuls again. `budget_gb` overrides both (tests)."""
+    from .device import memory_budget_gb
+    from .memory import fewest_checkpointed_blocks
+
+    bb = getattr(model, "backbone", None)
+    if not isinstance(bb, DINOv3ViT):
+        return f"gradient checkpointing: not used by {cfg.method}"
+    L = bb.config.num_hidden_layers
+    if cfg.grad_checkpointing != "auto":
+        k = L if cfg.grad_checkpointing == "all" else 0
+        why = f"--grad-checkpointing {cfg.grad_checkpointing}"
+    else:
+        budget, source = (budget_gb, "given") if budget_gb is not None else \
+            (cfg.memory_budget, "--memory-budget") if cfg.memory_budget > 0 else memory_budget_gb(device)
+        found = fewest_checkpointed_blocks(model, budget, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                                           compute_dtype=dtype or torch.float32, quantized=cfg.quant == "nf4",
+                                           device=device.type)
+        k = L if found is None else found
+        why = (f"auto: the fewest that fit {budget:.1f} GB ({source})" if found is not None else
+               f"auto: even all {L} do not fit {budget:.1f} GB ({source}); expect out-of-memory")
+    bb.gradient_checkpointing = k
+    est = memory_estimate(model, cfg, device, dtype, checkpointed_blocks=k)
+    return f"gradient checkpointing: {k} of {L} blocks ({why})\nmemory model of one step: {est.summary()}"

@@ -170,8 +170,6 @@ class TrainConfig:
     grad_clip: float = 0.0            # 0 = off (the paper did not clip)
     patience: int = 5                 # early stopping on validation accuracy
     min_delta: float = 1e-4
-    grad_checkpointing: bool = True   # recompute each block in backward
-    precision: str = "auto"           # auto: bf16 autocast on GPUs with bf16, else fp16 + GradScaler; fp32 on CPU
     rope_rescale: str | float | None = "config"  # train-time RoPE coordinate augmentation: config (config.json: 2.0 on the hub) | none | a float
     rope_shift: str | float | None = "config"
     rope_jitter: str | float | None = "config"
@@ -189,6 +187,12 @@ class TrainConfig:
     select_metric: str = "val_accuracy"  # keeps the best adapter and drives early stopping: val_accuracy (the paper) | val_macro_f1 | val_loss (lower is better)
     class_weights: str = "none"       # none | balanced: cross-entropy weights n/(C·n_c) for imbalanced training folders
     sampler: str = "uniform"          # uniform (each image once per epoch) | balanced (classes drawn equally often, with replacement)
+    # performance (nanopeft/device.py, nanopeft/memory.py; docs/BENCHMARKS.md ("Whole step and inference"))
+    precision: str = "auto"           # auto: bf16 autocast on GPUs with bf16 (else fp16 + GradScaler) and on CPUs with AVX512-BF16/AMX, else fp32
+    grad_checkpointing: str = "all"   # all | none | auto: recompute blocks in backward; auto: the fewest that fit --memory-budget
+    memory_budget: float = 0.0        # GB for --grad-checkpointing auto; 0 = the GPU's free memory (CPU: available RAM)
+    dora_dropout: str = "peft"        # peft (the study's semantics) | lora (dropout on the low-rank path only, one frozen pass)
+    dropout_sampler: str = "bits"     # bits (exact Bernoulli masks from raw random bits, faster) | torch (nn.Dropout: PEFT's masks seed for seed)
 
     def resolved(self) -> "TrainConfig":
         """Check every choice and turn the text of flags and config.json into the values the code uses,
@@ -205,6 +209,7 @@ class TrainConfig:
         for name in ("rank", "epochs", "batch_size", "grad_accum", "multiplier", "image_size", "eval_batch_size"):
             if getattr(c, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+        _resolve_performance(c)
         c.alpha = 2.0 * c.rank if c.alpha is None else c.alpha
         c.dropout = (0.1 if c.rank <= 8 else 0.05) if c.dropout is None else c.dropout
         check_ranges(c)
@@ -254,6 +259,24 @@ def check_ranges(c: "TrainConfig") -> None:
         if not inside:
             interval = f"{'[' if lo_in else '('}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{']' if hi_in else ')'}"
             raise ValueError(f"--{name.replace('_', '-')} must be in {interval}, got {v!r}")
+GRAD_CHECKPOINTING = ("all", "none", "auto")
+
+
+def _resolve_performance(c: TrainConfig) -> None:
+    """Check the performance fields in place. A run's config.json from before --grad-checkpointing took
+    all | none | auto stores true / false: read as all / none."""
+    from .dora import DORA_DROPOUT_MODES  # lazy: the adapter modules import torch, config stays a leaf
+    from .lora import DROPOUT_SAMPLERS
+
+    if isinstance(c.grad_checkpointing, bool):
+        c.grad_checkpointing = "all" if c.grad_checkpointing else "none"
+    choices = {"grad_checkpointing": GRAD_CHECKPOINTING, "dora_dropout": DORA_DROPOUT_MODES,
+               "dropout_sampler": DROPOUT_SAMPLERS}
+    for name, allowed in choices.items():
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(c, name)!r}")
+    if not c.memory_budget >= 0:
+        raise ValueError(f"--memory-budget must be >= 0 GB (0: the free memory), got {c.memory_budget}")
 
 
 def _parse_targets(targets):
@@ -282,7 +305,7 @@ def _parse_rope(value, flag: str):
 
 # The paper's 11 rows (docs/RECIPE.md ("The 11 configurations")). Scratch baselines: AdamW 1e-3, wd 1e-4, batch 32, patience 15.
 _SCRATCH = dict(lr=1e-3, weight_decay=1e-4, batch_size=32, grad_accum=1, patience=15, epochs=150,
-                grad_checkpointing=False)
+                grad_checkpointing="none")
 # The recipe a method trains with when no preset says otherwise: the dataclass defaults are the PEFT
 # recipe (micro-batch 4 × 8), which would put BatchNorm over 4 images and lr 1e-4 on a network trained
 # from scratch; `--method resnet18` alone therefore means the study's scratch recipe, as its preset does.

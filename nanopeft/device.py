@@ -1,8 +1,9 @@
 """Where a run computes and in which precision: the device, the autocast dtype, CPU threads, peak memory.
 
     --device auto ─► cuda if there is one, else cpu
-    --precision auto ─► bf16 autocast on GPUs with bf16, fp16 (+ GradScaler, train.py) on older ones,
-                        plain fp32 on CPU
+    --precision auto ─► bf16 autocast on GPUs with bf16, fp16 (+ GradScaler, train.py) on older ones;
+                        on CPU bf16 where it multiplies bf16 natively (AVX512-BF16 or AMX), else fp32
+                        (emulated bf16 matmuls are slower than fp32); the NF4 compute dtype follows
 """
 
 from __future__ import annotations
@@ -30,19 +31,84 @@ def threads_beside_workers(workers: int, processes: int = 1) -> int:
     return max(1, cores // processes - min(workers, cores))
 
 
+def fast_cpu_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm's BF16 extension): then
+    bf16 is the fast path for training and merged inference; elsewhere bf16 matmuls are emulated and
+    slower than fp32. Read from /proc/cpuinfo (x86 "flags", Arm "Features"); False where it is absent."""
+    try:
+        with open(cpuinfo) as f:
+            line = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        return False
+    flags = set(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def choose_precision(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, str]:
+    """(autocast dtype, why): the one precision knob (nanoGPT style). None means plain fp32. The
+    reason is what train.py / eval.py print, so a log says why a run computed in what it did."""
+    if precision == "fp32":
+        return None, "fp32 (--precision fp32)"
+    if precision in ("bf16", "fp16"):
+        return (torch.bfloat16 if precision == "bf16" else torch.float16), f"{precision} (--precision {precision})"
+    if device.type == "cpu":
+        if fast_cpu_bf16():
+            return torch.bfloat16, "bf16 autocast (auto: this CPU has AVX512-BF16 / AMX)"
+        return None, "fp32 (auto: this CPU has no AVX512-BF16 / AMX, so bf16 would be emulated and slower)"
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, f"bf16 autocast (auto: {torch.cuda.get_device_name(device)} supports bf16)"
+    # V100-class GPUs: fp16 + GradScaler, as the paper trained
+    return torch.float16, f"fp16 autocast + GradScaler (auto: {torch.cuda.get_device_name(device)} has no bf16)"
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The one precision knob (nanoGPT style): None means plain fp32."""
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
-        return None
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16  # V100-class GPUs: fp16 + GradScaler, as the paper trained
+    """choose_precision without the reason: None means plain fp32."""
+    return choose_precision(device, precision)[0]
+
+
+MERGE_PATHS = {  # eval.py / predict.py --merge: what each computes (docs/DORA.md ("Merging"))
+    "yes": "adapters merged into dense Linears in the compute dtype (the fast path; exact up to rounding "
+           "W0 + ΔW into that dtype)",
+    "requantize": "adapters merged and rounded back to NF4 (4× smaller; outputs move by about one NF4 step)",
+    "no": "adapters unmerged on the NF4 base (what training evaluated; slower)",
+}
+
+
+def inference_precision(device: torch.device, precision: str = "auto",
+                        merge: str | None = "yes") -> tuple[torch.dtype | None, str]:
+    """(autocast dtype, the line eval.py / predict.py print): the precision choose_precision picks
+    and the inference path `merge` takes (None: a model exported as it is, nothing to merge)."""
+    dtype, why = choose_precision(device, precision)
+    return dtype, f"inference: {why}" + (f"; {MERGE_PATHS[merge]}" if merge else "")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+BUDGET_HEADROOM = 0.9  # of the free memory: the allocator's fragmentation and the CUDA context's growth
+
+
+def memory_budget_gb(device: torch.device) -> tuple[float, str]:
+    """(GB, where it came from): what a training step may use here, for --grad-checkpointing auto without
+    --memory-budget. GPU: its free memory plus what this process already holds there; CPU: the RAM
+    the kernel reports available plus this process's resident set (the memory model counts the loaded
+    weights and the runtime itself); 90% of either, for headroom."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        held = torch.cuda.memory_reserved(device)
+        return BUDGET_HEADROOM * (free + held) / 1e9, f"90% of {torch.cuda.get_device_name(device)}'s free memory"
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, StopIteration):
+        raise ValueError("--grad-checkpointing auto: cannot read the available RAM (/proc/meminfo); "
+                         "pass --memory-budget GB") from None
+    return BUDGET_HEADROOM * (available + resident) / 1e9, "90% of the available RAM"
 
 
 def peak_memory_mb(device: torch.device) -> float:

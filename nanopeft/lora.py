@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .device import fast_cpu_bf16  # the CPU probe lives with the other hardware questions
 from .nf4_linear import NF4Linear
 
 
@@ -194,18 +195,6 @@ def merged_layer(base: nn.Module, weight: torch.Tensor, requantize: bool = False
         if bias is not None:
             out.bias.copy_(bias)
     return out.requires_grad_(False)
-
-
-def fast_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): then a bf16 merged model is
-    the fast inference path; elsewhere bf16 matmuls are emulated and slower than fp32."""
-    if torch.backends.cpu.get_cpu_capability() == "AVX512_BF16":  # not reported by every build
-        return True
-    try:
-        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:

@@ -34,3 +34,25 @@ def test_estimate_counts_adapters_exactly_and_grows_with_batch():
     k = fewest_checkpointed_blocks(model, (e4.total + full.total) / 2, batch_size=4, image_size=224)
     assert 0 < k < cfg.num_hidden_layers
     assert fewest_checkpointed_blocks(model, 0.1, batch_size=4, image_size=224) is None
+
+
+def test_the_papers_7b_setting_fits_a_16gb_gpu_with_room_to_spare():
+    """7B, batch 4, 224 px, QLoRA r64 all-linear, NF4, bf16 on one GPU, every block checkpointed: what
+    `train.py --dry-run` prints. Weights and trainable state are exact; the total is pinned."""
+    from nanopeft.build import build_classifier, memory_estimate
+    from nanopeft.config import TrainConfig
+
+    cfg = TrainConfig(method="lora", rank=64, targets="all-linear", batch_size=4, image_size=224).resolved()
+    model = build_classifier(cfg, 9, torch.device("cpu"), meta=True)
+    gpu = torch.device("cuda")
+    est = memory_estimate(model, cfg, gpu, torch.bfloat16)
+    D, I, L = 4096, 8192, 40
+    n = L * (4 * D * D + 3 * D * I)  # q, k, v, o + SwiGLU gate, up, down: 6.71e9 frozen weights
+    assert abs(est.nf4_weights * 1e9 - n * (1 / 2 + 1 / 64 + 4 / (64 * 256))) < 1e6  # 4.127 bits a weight
+    assert round(est.nf4_weights, 2) == 3.46
+    assert est.adapters * 1e9 == 182_982_665 * 4  # the paper's 178,257,920 adapter + 4,724,745 head, fp32
+    assert est.optimizer == 2 * est.adapters and est.runtime == 0.0
+    assert 7.0 < est.total < 7.6  # 7.28 GB: a 16 GB GPU keeps > 8 GB to spare
+    assert est.total < 16 - 0.5 - 8
+    no_ckpt = memory_estimate(model, cfg, gpu, torch.bfloat16, checkpointed_blocks=0)
+    assert no_ckpt.total > 16  # without checkpointing the paper's setting does not fit: 17.8 GB

@@ -143,8 +143,9 @@ def test_bad_image_stops_before_training(tmp_path, data, weights, capsys, reliab
 def test_dry_run_prints_the_papers_counts(capsys):
     train.main(["--dry-run", "--method", "lora", "--rank", "64", "--targets", "all-linear"])
     out = capsys.readouterr().out
-    assert "178,257,920" in out and "4,724,745" in out and "estimated peak GPU memory" in out
-    assert "weights 3.47" in out  # the 7B in NF4 + the rest in bf16; the adapters' Linears are not frozen weights
+    assert "178,257,920" in out and "4,724,745" in out and "memory model of one step" in out
+    assert "NF4 weights 3.46" in out  # the 7B's frozen block Linears; the adapters' Linears are not frozen
+    assert "a 16 GB GPU: fits" in out and "40 of 40 blocks" in out  # the paper's setting (nanopeft/memory.py)
     train.main(["--dry-run", "--method", "dora", "--rank", "16", "--targets", "q_proj"])
     assert "5,406,720" in capsys.readouterr().out
     train.main(["--list-presets"])
