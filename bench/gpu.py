@@ -147,10 +147,10 @@ def bf16_step(model, opt, x, y):
 
 
 def train_one_method(preset, device, batches, method, steps, image_size, merged: bool) -> list[dict]:
-    from nanopeft import Classifier, add_adapters, make_head, merge_adapters
+    from nanopeft import Classifier, NF4Linear, add_adapters, make_head, merge_adapters
 
     model, cfg = synthetic_model(preset, device, torch.bfloat16)
-    frozen = sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "NF4Linear")
+    frozen = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     model.gradient_checkpointing = True
     add_adapters(model, method=method, rank=64, alpha=128, dropout=0.05, targets="all-linear")
     clf = Classifier(model, make_head(cfg.hidden_size, 9), pool="cls").to(device).train()
