@@ -47,8 +47,8 @@ from nanopeft.distributed import all_sum
 from nanopeft.history import keep_best, validation_scores, write_history
 from nanopeft.run import (RunError, RunLog, check_new_run_folder, clean_stale_files, load_resume, lock_run_folder,
                           new_state, read_resume, read_run_config, run_folder, run_name, save_resume,
-                          save_run_weights, staging_path, swap_in, unlock_run_folders, write_run_config,
-                          write_summary)
+                          save_run_weights, staging_path, swap_in, unlock_run_folders, write_failed,
+                          write_run_config, write_summary)
 
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -507,12 +507,14 @@ def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict, c
     """The best epoch's adapter/ (rank 0; finite weights only); a failed write is a one-line error naming the file."""
     if not system.master:
         return
+    from safetensors import SafetensorError
+
     check_finite_weights(model, state, out)
     try:
         save_run_weights(model, cfg, out / "adapter", class_names, scores)
-    except (OSError, RuntimeError) as e:
-        fail(f"cannot write {out / 'adapter'}: {getattr(e, 'strerror', None) or str(e).splitlines()[-1]} "
-             f"(disk full?); the previous checkpoint is kept")
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        name = "adapter_config.json" if "config" in str(getattr(e, "filename", "")) else "adapter_model.safetensors"
+        fail(str(write_failed(out / "adapter" / name, e)))
 
 
 def count_skipped_step(scaler, scale_before: float, state: dict, log: RunLog) -> None:

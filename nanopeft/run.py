@@ -215,7 +215,8 @@ def new_state() -> dict:
 
 def write_failed(path: Path, e: Exception) -> RunError:
     """A write that failed (disk full, quota, file size limit, I/O error) as a one-line error naming the file."""
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+        f"the write failed ({(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]})"
     return RunError(f"cannot write {path}: {reason} (disk full?); the previous checkpoint is kept")
 
 
