@@ -346,8 +346,14 @@ def add_config_args(parser, cls=TrainConfig):
         conv = {"int": int, "float": float, "str": str}.get(kind.split(" ")[0], str)
         if kind.startswith("float | None"):
             conv = float
-        parser.add_argument(flag, type=conv, default=None, metavar=kind.split(" ")[0].upper(),
+        extra = dict(nargs="?", const="all") if f.name == "grad_checkpointing" else {}
+        parser.add_argument(flag, type=conv, default=None, metavar=kind.split(" ")[0].upper(), **extra,
                             help=f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%"))
+    if any(f.name == "grad_checkpointing" for f in dataclasses.fields(cls)):
+        # the flag was a switch before it took all | none | auto: `--grad-checkpointing` alone still means
+        # all, and `--no-grad-checkpointing` none, so older command lines keep working
+        parser.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const",
+                            const="none", help="same as --grad-checkpointing none")
     return parser
 
 

@@ -148,3 +148,15 @@ def test_eval_and_predict_say_which_inference_path(monkeypatch):
     assert "NF4" in inference_precision(CPU, "fp32", "requantize")[1]
     assert "unmerged" in inference_precision(CPU, "fp32", "no")[1]
     assert inference_precision(CPU, "fp32", None) == (None, "inference: fp32 (--precision fp32)")
+
+
+def test_grad_checkpointing_flag_keeps_its_old_switch_forms():
+    import train
+
+    def chosen(*argv):
+        return train.run_config(train.parse_args(list(argv))).grad_checkpointing
+
+    assert chosen("--grad-checkpointing") == "all"       # the old switch
+    assert chosen("--no-grad-checkpointing") == "none"   # the old switch's negation
+    assert chosen("--grad-checkpointing", "auto") == "auto"
+    assert chosen() == "all"
