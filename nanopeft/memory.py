@@ -1,5 +1,5 @@
 """The memory model of a QLoRA / QDoRA training step: what `train.py --dry-run` prints, and what
-`--grad-checkpointing auto` would use to pick how many blocks to recompute.
+`--grad-checkpointing auto` uses to pick how many blocks to recompute (nanopeft/build.py plan_checkpointing).
 
     peak = NF4 weights + other frozen weights + adapters (fp32) + gradients (fp32) + AdamW m, v (fp32)
          + activations + workspace + runtime
@@ -131,7 +131,7 @@ def estimate_training_memory(model: nn.Module, *, batch_size: int, image_size: i
 
 def fewest_checkpointed_blocks(model: nn.Module, budget_gb: float, **kw) -> int | None:
     """The smallest number of recomputed blocks whose estimated peak fits `budget_gb` (None: even
-    checkpointing every block does not fit). What `--grad-checkpointing auto` needs."""
+    checkpointing every block does not fit). What `--grad-checkpointing auto` uses."""
     L = getattr(model, "backbone", model).config.num_hidden_layers
     for k in range(L + 1):
         if estimate_training_memory(model, checkpointed_blocks=k, **kw).total <= budget_gb:
