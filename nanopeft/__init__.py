@@ -1,6 +1,10 @@
 """nanopeft: QLoRA and DoRA fine-tuning of DINOv3 ViTs in plain PyTorch.
 
-    checkpoint → model → nf4 → lora/dora → inject → train → eval → save
+    checkpoint → model → nf4 → lora/dora → inject → train → eval → predict/export
+
+Each stage is one file: a module here, or the top-level scripts train.py and eval.py (predict and export
+are both: nanopeft/predict.py, nanopeft/export.py and their scripts). Which file owns what and which
+imports which: docs/ARCHITECTURE.md.
 """
 
 from .config import PAPER_RUNS, PRESETS, TrainConfig, ViTConfig
