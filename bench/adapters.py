@@ -165,7 +165,7 @@ ROWS_ALL = (
 ROWS_QUICK = ["nanopeft:lora:nf4:float32:0", "nanopeft:dora:nf4:float32:0", "peft:dora:nf4:float32:0"]
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="all", help="all | quick | comma-separated impl:method:base:dtype:dropout")
     ap.add_argument("--steps", type=int, default=7)
@@ -177,46 +177,58 @@ def main():
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--row", help=argparse.SUPPRESS)        # internal: run one row in this process
     ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def run_in_subprocess(row: str, memory: bool, args: argparse.Namespace) -> dict:
+    """One row in a fresh process (a clean heap); memory rows run with glibc handing freed blocks back."""
+    wait_idle()
+    cmd = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--threads", str(args.threads),
+           "--device", args.device] + (["--small"] if args.small else [])
+    env_mem = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(cmd + ["--row", row] + (["--memory"] if memory else []), capture_output=True,
+                       text=True, cwd=root, env=env_mem if memory else None)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        raise RuntimeError(f"row {row} failed:\n{p.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
+def main():
+    args = parse_args()
     warnings.filterwarnings("ignore")
     if args.row:
         print("RESULT " + json.dumps(run_row(args.row, args.steps, args.threads, args.device, args.small,
                                              args.memory)))
         return
     rows = ROWS_ALL if args.rows == "all" else ROWS_QUICK if args.rows == "quick" else args.rows.split(",")
-    common = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--threads", str(args.threads),
-              "--device", args.device] + (["--small"] if args.small else [])
-    env_mem = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def run(row, memory):
-        wait_idle()
-        p = subprocess.run(common + ["--row", row] + (["--memory"] if memory else []), capture_output=True,
-                           text=True, cwd=root, env=env_mem if memory else None)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            raise RuntimeError(f"row {row} failed:\n{p.stderr[-3000:]}")
-        return json.loads(line[0][7:])
-
     print(f"Linear({IN}→{OUT}){' /8' if args.small else ''}, r={R}, α={ALPHA}, x={TOKENS}+(in,), "
           f"{args.device}, {args.threads} threads, median of {args.steps}, best of {args.repeat} rounds; "
           f"torch {torch.__version__}", flush=True)
     # Rounds over all rows, not repeats of one row: a burst of load from other processes then hits one
     # round of many rows instead of every measurement of one row. Before each run we wait until other
     # processes use < 0.2 cores; "others" is what they used during the kept run.
-    timed = [[run(row, False) for row in rows] for _ in range(args.repeat)]
+    timed = [[run_in_subprocess(row, False, args) for row in rows] for _ in range(args.repeat)]
     results = []
     print("| impl | method | base | dtype | dropout | time (s) | peak Δ (MB) | all medians (s) | others (cores) |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for i, row in enumerate(rows):
         runs = [t[i] for t in timed]
-        res = {**min(runs, key=lambda r: r["median_s"]), "peak_mb": run(row, True)["peak_mb"],
+        res = {**min(runs, key=lambda r: r["median_s"]), "peak_mb": run_in_subprocess(row, True, args)["peak_mb"],
                "medians_s": [r["median_s"] for r in runs]}
         results.append(res)
         impl, method, base, dtype, dropout = row.split(":")
         print(f"| {impl} | {method} | {base} | {dtype} | {dropout} | {res['median_s']:.3f} | {res['peak_mb']:.0f} | "
               f"{' '.join(f'{t:.3f}' for t in res['medians_s'])} | {res['others_cores']:.2f} |", flush=True)
-    # the targets: nanopeft DoRA <= 0.6x PEFT DoRA (time and memory), <= 1.3x nanopeft LoRA (time)
+    print_ratios(rows, results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def print_ratios(rows: list[str], results: list[dict]) -> None:
+    """The targets: nanopeft DoRA <= 0.6x PEFT DoRA (time and memory), <= 1.3x nanopeft LoRA (time)."""
     by = {r["row"]: r for r in results}
     print("\n| base | dtype | dropout | DoRA time / PEFT DoRA | DoRA peak / PEFT DoRA | DoRA time / our LoRA |\n"
           "|---|---|---|---|---|---|")
@@ -226,13 +238,9 @@ def main():
             continue
         ours, theirs = by[row], by.get(f"peft:dora:{base}:{dtype}:{dropout}")
         lora = by.get(f"nanopeft:lora:{base}:{dtype}:{dropout}")
-        ratio = lambda a, b, k: f"{a[k] / b[k]:.2f}" if a and b else "-"
+        ratio = lambda a, b, k: f"{a[k] / b[k]:.2f}" if a and b else "-"  # noqa: E731
         print(f"| {base} | {dtype} | {dropout} | {ratio(ours, theirs, 'median_s')} | {ratio(ours, theirs, 'peak_mb')} "
               f"| {ratio(ours, lora, 'median_s')} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

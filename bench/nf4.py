@@ -63,7 +63,7 @@ def wait_idle(limit=0.2, timeout=300.0) -> float:
     return time.time() - t0
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="times every row is visited")
@@ -74,7 +74,11 @@ def main():
     ap.add_argument("--shape", type=int, nargs=2, default=[4096, 8192])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: time nanopeft/kernels/nf4.cu against bitsandbytes' CUDA kernels instead")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
     if args.device == "cuda":
         print_cuda_report(cuda_report(tuple(args.shape), rounds=args.reps))
         return
@@ -84,7 +88,6 @@ def main():
     import bitsandbytes.functional as BF
 
     M, N = args.shape
-    n = M * N
     torch.manual_seed(0)
     W = torch.randn(M, N) * 0.02
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
@@ -92,8 +95,18 @@ def main():
     print(f"# command: python {' '.join(sys.argv)}", flush=True)
 
     rows = {}  # name -> (kind, out bytes or None, fn); kind groups the rows a ratio compares
+    rows.update(copy_rows(W))
+    rows.update(dequantize_rows(BF, W, args.compile))
+    if not args.no_torchao:
+        rows.update(torchao_dequantize_rows(W))
+    rows.update(quantize_rows(BF, W, torchao=not args.no_torchao))
+    times, others = time_rows(rows, args.rounds, args.reps, args.qreps)
+    print_table(rows, times, others, W, args.rounds)
 
-    # --- the machine's limit: writing the output bytes
+
+def copy_rows(W: torch.Tensor) -> dict:
+    """The machine's limit: writing the output bytes, into a fresh tensor or a reused one."""
+    rows = {}
     for dt in (torch.float32, torch.bfloat16):
         src = W.to(dt)
         dst = torch.empty_like(src).copy_(src)
@@ -101,8 +114,13 @@ def main():
         rows[f"torch copy -> {name}, fresh tensor (src.clone())"] = (f"dq {name} fresh", src.nbytes, src.clone)
         rows[f"torch copy -> {name}, reused tensor (dst.copy_)"] = (f"dq {name} reused", src.nbytes,
                                                                     lambda d=dst, s=src: d.copy_(s))
+    return rows
 
-    # --- dequantize
+
+def dequantize_rows(BF, W: torch.Tensor, with_compile: bool) -> dict:
+    """bitsandbytes' and nanopeft's dequantize (optionally torch.compile'd), checked bit for bit first."""
+    M, N = W.shape
+    rows = {}
     q, st = BF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
     w = quantize_nf4(W)
     assert torch.equal(w.packed, q) and torch.equal(w.absmax, st.absmax)
@@ -119,48 +137,75 @@ def main():
         rows[f"nanopeft dequantize -> {name}"] = (f"dq {name} fresh", nb, lambda d=dt: w.dequantize(d))
         rows[f"nanopeft dequantize -> {name}, out= reused buffer"] = (
             f"dq {name} reused", nb, lambda d=dt, b=buf: w.dequantize(d, out=b))
-        if args.compile:
-            t0 = time.perf_counter()
-            f = torch.compile(lambda d=dt: w.dequantize(d))
-            assert torch.equal(f(), w.dequantize(dt))
-            print(f"# torch.compile of nanopeft dequantize -> {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-            rows[f"nanopeft dequantize -> {name}, torch.compile"] = (f"dq {name} fresh", nb, f)
-            g = torch.compile(lambda d=dt, b=buf: w.dequantize(d, out=b))
-            assert torch.equal(g(), w.dequantize(dt))
-            rows[f"nanopeft dequantize -> {name}, torch.compile, out= reused buffer"] = (f"dq {name} reused", nb, g)
-    if not args.no_torchao:
+        if with_compile:
+            rows.update(compiled_rows(w, dt, buf, nb))
+    return rows
+
+
+def compiled_rows(w, dt: torch.dtype, buf: torch.Tensor, nb: int) -> dict:
+    """torch.compile of nanopeft's dequantize -> dt, into a fresh tensor and into `buf`."""
+    name = str(dt)[6:]
+    t0 = time.perf_counter()
+    f = torch.compile(lambda d=dt: w.dequantize(d))
+    assert torch.equal(f(), w.dequantize(dt))
+    print(f"# torch.compile of nanopeft dequantize -> {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    g = torch.compile(lambda d=dt, b=buf: w.dequantize(d, out=b))
+    assert torch.equal(g(), w.dequantize(dt))
+    return {f"nanopeft dequantize -> {name}, torch.compile": (f"dq {name} fresh", nb, f),
+            f"nanopeft dequantize -> {name}, torch.compile, out= reused buffer": (f"dq {name} reused", nb, g)}
+
+
+def torchao_dequantize_rows(W: torch.Tensor) -> dict:
+    """torchao's NF4Tensor (blocks of 64, scalers per 256): close to bitsandbytes, not bit-exact."""
+    from torchao.quantization import to_nf4
+
+    rows = {}
+    for dt in (torch.float32, torch.bfloat16):
+        t = to_nf4(W.to(dt), 64, 256)
+        err = (t.get_original_weight().float() - W).abs().max().item()
+        print(f"# torchao NF4Tensor {str(dt)[6:]}: max |Ŵ - W| = {err:.2e} (not bit-exact with bnb)")
+        rows[f"torchao NF4Tensor.get_original_weight -> {str(dt)[6:]}"] = (
+            f"dq {str(dt)[6:]} fresh", W.numel() * dt.itemsize, t.get_original_weight)
+    return rows
+
+
+def quantize_rows(BF, W: torch.Tensor, torchao: bool) -> dict:
+    """Quantize from fp32 and bf16: bitsandbytes, nanopeft (checked bit for bit) and torchao."""
+    if torchao:
         from torchao.quantization import to_nf4
-
-        for dt in (torch.float32, torch.bfloat16):
-            t = to_nf4(W.to(dt), 64, 256)
-            err = (t.get_original_weight().float() - W).abs().max().item()
-            print(f"# torchao NF4Tensor {str(dt)[6:]}: max |Ŵ - W| = {err:.2e} (not bit-exact with bnb)")
-            rows[f"torchao NF4Tensor.get_original_weight -> {str(dt)[6:]}"] = (
-                f"dq {str(dt)[6:]} fresh", n * dt.itemsize, t.get_original_weight)
-
-    # --- quantize
+    rows = {}
     for dt in (torch.float32, torch.bfloat16):
         Wd, name = W.to(dt), str(dt)[6:]
         wq, (qq, sq) = quantize_nf4(Wd), bnb_quant(BF, Wd)
         assert torch.equal(wq.packed, qq) and torch.equal(wq.absmax, sq.absmax) and torch.equal(wq.offset, sq.offset)
         rows[f"bitsandbytes quantize_4bit ({name} in)"] = (f"q {name}", None, lambda x=Wd: bnb_quant(BF, x))
         rows[f"nanopeft quantize_nf4 ({name} in)"] = (f"q {name}", None, lambda x=Wd: quantize_nf4(x))
-        if not args.no_torchao:
+        if torchao:
             rows[f"torchao to_nf4 ({name} in)"] = (f"q {name}", None, lambda x=Wd: to_nf4(x, 64, 256))
+    return rows
 
+
+def time_rows(rows: dict, rounds: int, reps: int, qreps: int) -> tuple[dict, dict]:
+    """Visit every row in each of `rounds` rounds: wait for a quiet machine, warm up, time `reps` calls
+    (`qreps` for quantize rows). Returns (seconds per call, others' cores per round), each by row name."""
     times = {k: [] for k in rows}
     others = {k: [] for k in rows}
-    for r in range(args.rounds):
-        print(f"# round {r + 1}/{args.rounds}", flush=True)
+    for r in range(rounds):
+        print(f"# round {r + 1}/{rounds}", flush=True)
         for k, (kind, _, fn) in rows.items():
-            reps = args.qreps if kind.startswith("q") else args.reps
+            n_reps = qreps if kind.startswith("q") else reps
             wait_idle()
             fn()  # warm-up
-            _, other = others_cores(lambda: [times[k].append(timed(fn)) for _ in range(reps)])
+            _, other = others_cores(lambda: [times[k].append(timed(fn)) for _ in range(n_reps)])
             others[k].append(other)
+    return times, others
 
+
+def print_table(rows: dict, times: dict, others: dict, W: torch.Tensor, rounds: int) -> None:
+    """The markdown table: median and min ms, ratio to bitsandbytes' row of the same kind, GB/s written."""
+    (M, N), n = W.shape, W.numel()
     print(f"\nW: {M}x{N} fp32 ({n / 1e6:.1f} M values), NF4 + double quant, {torch.get_num_threads()} threads; "
-          f"median of {args.rounds} rounds x reps after warm-up\n")
+          f"median of {rounds} rounds x reps after warm-up\n")
     print("| operation | implementation | median ms | min ms | vs bitsandbytes | GB/s written | others (cores) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     base = {rows[k][0]: statistics.median(times[k]) for k in rows if k.startswith("bitsandbytes")}

@@ -54,13 +54,7 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
 
     # 1. swap the Linears that become NF4 (still on meta)
     quantized = set(prequant) if prequant else (set(linears) if quantize == "nf4" else set())
-    for name in quantized:
-        if name not in linears:
-            raise CheckpointError(f"{source.file_of(name + NF4_SUFFIX)}: NF4 weights for {name!r}, "
-                                  f"which is not a Linear of the model")
-        lin = linears[name]
-        model.set_submodule(name, NF4Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                                device="meta", compute_dtype=dtype or torch.float32))
+    _swap_in_nf4(model, source, linears, quantized, dtype)
     # a pre-quantized Linear stores `weight` + `weight.<statistic>` keys; NF4Linear checks those itself
     nf4_keys = {k for k in source.shapes if k.partition(".weight")[0] in quantized and ".weight" in k} \
         if prequant else set()
@@ -71,6 +65,34 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
     _check_keys(path, cfg, source, expected, skip=nf4_keys)
 
     # 3. stream: one tensor in memory at a time
+    pending_nf4 = _stream_tensors(model, path, source, quantized, nf4_keys, device, dtype, progress)
+    _load_prequantized(model, source, pending_nf4, device, dtype)
+
+    # 4. the RoPE table is computed, not loaded; then make sure nothing stayed on meta
+    model.rope_embeddings.register_buffer("inv_freq", model.rope_embeddings.compute_inv_freq().to(device),
+                                          persistent=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: {left[:5]} were never loaded")
+    return model.eval()
+
+
+def _swap_in_nf4(model: nn.Module, source, linears: dict[str, nn.Linear], quantized: set[str], dtype) -> None:
+    """Replace each Linear named in `quantized` by an empty NF4Linear on the meta device."""
+    for name in quantized:
+        if name not in linears:
+            raise CheckpointError(f"{source.file_of(name + NF4_SUFFIX)}: NF4 weights for {name!r}, "
+                                  f"which is not a Linear of the model")
+        lin = linears[name]
+        model.set_submodule(name, NF4Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                                device="meta", compute_dtype=dtype or torch.float32))
+
+
+def _stream_tensors(model: nn.Module, path, source, quantized: set[str], nf4_keys: set[str], device, dtype,
+                    progress) -> dict[str, dict[str, torch.Tensor]]:
+    """Read, cast, [quantize], move and assign every tensor of `source`, one in memory at a time.
+
+    Returns the pre-quantized bitsandbytes state collected per Linear (for `_load_prequantized`)."""
     pending_nf4: dict[str, dict[str, torch.Tensor]] = {}
     bar = tqdm(total=len(source.shapes), desc=f"loading {Path(path).name}", unit="tensor",
                disable=(not progress) if progress is not None else len(source.shapes) < 200)
@@ -92,15 +114,7 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
         target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
         _set_tensor(model, key, t.to(device=device, dtype=target, copy=True))
     bar.close()
-    _load_prequantized(model, source, pending_nf4, device, dtype)
-
-    # 4. the RoPE table is computed, not loaded; then make sure nothing stayed on meta
-    model.rope_embeddings.register_buffer("inv_freq", model.rope_embeddings.compute_inv_freq().to(device),
-                                          persistent=False)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{path}: {left[:5]} were never loaded")
-    return model.eval()
+    return pending_nf4
 
 
 def _prequantized(path, source, config_dict: dict | None) -> tuple[dict, list[str]]:
