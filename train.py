@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "set and run the whole pipeline on CPU")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder where it stopped")
     parser.add_argument("--config", metavar="JSON", help="re-run a recorded run: its config.json (or its folder, "
-                        "or a --dry-run printout); flags given now win, the run folder is new unless --out")
+                        "or the JSON --dry-run prints); flags given now win, the run folder is new unless --out")
     return parser.parse_args(argv)
 
 
