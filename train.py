@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (only once the "
                         "new run has written its first checkpoint: a run that fails to start leaves the old one)")
     parser.add_argument("--config", metavar="JSON", help="re-run a recorded run: its config.json (or its folder, "
-                        "or a --dry-run printout); flags given now win, the run folder is new unless --out")
+                        "or the JSON --dry-run prints); flags given now win, the run folder is new unless --out")
     return parser.parse_args(argv)
 
 
