@@ -304,12 +304,12 @@ def test_scratch_methods_default_to_the_scratch_recipe(method):
     preset = train.run_config(train.parse_args(["--preset", f"{method}-scratch"]))
     recipe = PAPER_RUNS[f"{method}-scratch"]
     assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.weight_decay, cfg.patience, cfg.grad_checkpointing) == \
-        (32, 1, 1e-3, 1e-4, 15, False)
+        (32, 1, 1e-3, 1e-4, 15, "none")
     assert all(getattr(cfg, k) == getattr(preset, k) == v for k, v in recipe.items())
     flags = train.run_config(train.parse_args(["--method", method, "--lr", "3e-4", "--batch-size", "16"]))
     assert (flags.lr, flags.batch_size, flags.weight_decay) == (3e-4, 16, 1e-4)  # explicit flags win
     lora = train.run_config(train.parse_args(["--method", "lora"]))
-    assert (lora.batch_size, lora.grad_accum, lora.lr, lora.grad_checkpointing) == (4, 8, 1e-4, True)
+    assert (lora.batch_size, lora.grad_accum, lora.lr, lora.grad_checkpointing) == (4, 8, 1e-4, "all")
 
 
 def test_config_with_another_method_takes_that_methods_recipe(tmp_path, loss_run):
@@ -322,7 +322,7 @@ def test_config_with_another_method_takes_that_methods_recipe(tmp_path, loss_run
     back = tmp_path / "scratch.json"
     back.write_text(json.dumps(scratch.to_dict()))
     lora = train.run_config(train.parse_args(["--config", str(back), "--method", "dora"]))
-    assert (lora.batch_size, lora.grad_accum, lora.lr, lora.patience, lora.grad_checkpointing) == (4, 8, 1e-4, 5, True)
+    assert (lora.batch_size, lora.grad_accum, lora.lr, lora.patience, lora.grad_checkpointing) == (4, 8, 1e-4, 5, "all")
     assert lora.image_size == 32 and lora.rank == 4  # everything else as recorded
     with pytest.raises(SystemExit):
         train.run_config(train.parse_args(["--config", str(a), "--resume", str(a)]))
