@@ -168,7 +168,7 @@ class TrainConfig:
     weight_decay: float = 0.01        # AdamW, one group: adapters, DoRA magnitudes, head (as the paper)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0            # 0 = off (the paper did not clip)
-    patience: int = 5                 # early stopping on validation accuracy
+    patience: int = 5                 # early stopping: epochs without improvement of --select-metric
     min_delta: float = 1e-4
     rope_rescale: str | float | None = "config"  # train-time RoPE coordinate augmentation: config (config.json: 2.0 on the hub) | none | a float
     rope_shift: str | float | None = "config"
@@ -192,7 +192,7 @@ class TrainConfig:
     grad_checkpointing: str = "all"   # all | none | auto: recompute blocks in backward; auto: the fewest that fit --memory-budget
     memory_budget: float = 0.0        # GB for --grad-checkpointing auto; 0 = the GPU's free memory (CPU: available RAM)
     dora_dropout: str = "peft"        # peft (the study's semantics) | lora (dropout on the low-rank path only, one frozen pass)
-    dropout_sampler: str = "bits"     # bits (exact Bernoulli masks from raw random bits, faster) | torch (nn.Dropout: PEFT's masks seed for seed)
+    dropout_sampler: str = "bits"     # bits (exact Bernoulli masks from raw random bits; the mask op is cheaper) | torch (nn.Dropout: PEFT's masks seed for seed)
 
     def resolved(self) -> "TrainConfig":
         """Check every choice and turn the text of flags and config.json into the values the code uses,
@@ -260,14 +260,13 @@ def check_ranges(c: "TrainConfig") -> None:
             interval = f"{'[' if lo_in else '('}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{']' if hi_in else ')'}"
             raise ValueError(f"--{name.replace('_', '-')} must be in {interval}, got {v!r}")
 GRAD_CHECKPOINTING = ("all", "none", "auto")
+DORA_DROPOUT_MODES = ("peft", "lora")  # docs/DORA.md ("Dropout semantics")
+DROPOUT_SAMPLERS = ("torch", "bits")   # nn.Dropout (PEFT's masks) | BitsDropout (nanopeft/lora.py)
 
 
 def _resolve_performance(c: TrainConfig) -> None:
     """Check the performance fields in place. A run's config.json from before --grad-checkpointing took
     all | none | auto stores true / false: read as all / none."""
-    from .dora import DORA_DROPOUT_MODES  # lazy: the adapter modules import torch, config stays a leaf
-    from .lora import DROPOUT_SAMPLERS
-
     if isinstance(c.grad_checkpointing, bool):
         c.grad_checkpointing = "all" if c.grad_checkpointing else "none"
     choices = {"grad_checkpointing": GRAD_CHECKPOINTING, "dora_dropout": DORA_DROPOUT_MODES,

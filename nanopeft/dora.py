@@ -32,10 +32,10 @@ import weakref
 import torch
 import torch.nn as nn
 
+from .config import DORA_DROPOUT_MODES
 from .lora import (AdapterBase, base_device, base_weight, dropout_active, frozen_matmul, merged_layer,
                    output_dtype)
 
-DORA_DROPOUT_MODES = ("peft", "lora")  # docs/DORA.md ("Dropout semantics")
 
 
 # ---- fast path: the norm without forming W0 + s·BA (docs/DORA.md "The column norm without

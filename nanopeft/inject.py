@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .config import ADAPTER_METHODS
-from .dora import DORA_DROPOUT_MODES, DoRALinear
+from .config import ADAPTER_METHODS, DORA_DROPOUT_MODES
+from .dora import DoRALinear
 from .lora import LoRALinear, base_device, check_adapter_args, init_lora_pair, is_linear
 from .model import in_block
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import DROPOUT_SAMPLERS
 from .device import fast_cpu_bf16  # the CPU probe lives with the other hardware questions
 from .nf4_linear import NF4Linear
 
@@ -139,7 +140,6 @@ class _MaskedScale(torch.autograd.Function):
         return grad.mul(mask).mul_(ctx.scale), None, None
 
 
-DROPOUT_SAMPLERS = ("torch", "bits")
 
 
 def make_dropout(p: float, sampler: str = "torch") -> nn.Module:

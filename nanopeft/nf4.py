@@ -257,7 +257,7 @@ _BUFS = threading.local()  # per thread: {(name, dtype, device): buffer}, see re
 def reused_buffer(name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat per-thread buffer of n elements, kept between calls and grown when too small. On CPU,
     fresh temporaries cost page faults (above glibc's mmap threshold) or heap holes (below it, pinned
-    by the small long-lived NF4 tensors of each layer, which grew the 7B's load, docs/BENCHMARKS.md)."""
+    by the small long-lived NF4 tensors of each layer, which grew the 7B's load, docs/BENCHMARKS.md ("Numbers behind the NF4 code's choices (moved here from its comments)"))."""
     bufs, key = _BUFS.__dict__.setdefault("bufs", {}), (name, dtype, device)
     if key not in bufs or bufs[key].numel() < n:
         bufs[key] = None  # free the old one before allocating the bigger one
