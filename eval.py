@@ -75,7 +75,7 @@ def test_items(args, cfg: TrainConfig, saved: dict) -> tuple[list, dict[str, int
     """(test samples, {label training never saw: image count}); the second is empty unless --skip-unseen."""
     if args.split == "val":  # rebuild the run's validation split exactly (same data, fraction, seed)
         try:
-            items, names = scan_dataset(cfg.data)
+            items, _ = scan_dataset(cfg.data)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         return stratified_split(items, val_fraction=cfg.val_fraction, seed=cfg.split_seed)[1], {}
@@ -284,7 +284,7 @@ def print_summary(metrics: dict, speed: dict, batch_size: int, out: Path) -> Non
         print(f"left out {len(metrics['skipped'])} unreadable image(s) (--skip-bad; listed in metrics.json)")
     if metrics.get("unseen_classes"):
         print(f"left out {sum(metrics['unseen_classes'].values())} image(s) of classes the run never saw "
-              f"(--skip-unseen): " + ", ".join(f"{k} {v}" for k, v in metrics["unseen_classes"].items()))
+              f"(--skip-unseen): " + ", ".join(f"{shown(k)} {v}" for k, v in metrics["unseen_classes"].items()))
     print(f"wrote {shown(out)}, {shown(out.with_name('predictions.csv'))} and "
           f"{shown(out.with_name('confusion_matrix.png'))}")
 
@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
     metrics.update(speed)
     metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) / wall, runs=args.runs,
                    data=shown(args.data) if args.split == "test" else "val split", merged=args.merge,
-                   skipped=skipped, unseen_classes=unseen)
+                   skipped=skipped, unseen_classes={shown(k): n for k, n in unseen.items()})
     if fixed is not None:
         metrics.update(corrected=score(items, fixed, names), prior_correction=info)
     out = out_path(args)
