@@ -12,6 +12,11 @@ paper evaluated unmerged DoRA at half QLoRA's speed. Speed is measured after war
 synchronised: latency at batch 1 and throughput at --batch-size, for the model alone and with image
 decoding and preprocessing included.
 
+Bad input: every test image is decoded once before evaluating; an unreadable one (truncated, empty, not an
+image, smaller than a patch) stops eval with its name unless `--skip-bad` leaves it out (metrics.json
+`skipped` lists each with its reason). A test class the run never saw stops eval unless `--skip-unseen`
+evaluates the known classes (metrics.json `unseen_classes`: {label: images left out}).
+
 Prior shift: a model trained on balanced classes and tested where 39 % of the images are one class is
 miscalibrated by the ratio of the priors. `--prior-correction` re-weights its posteriors to the test
 priors (nanopeft/prior.py: known ones, or estimated on the test images themselves by EM, Saerens et al.
@@ -35,7 +40,8 @@ from tqdm import tqdm
 
 from nanopeft.augment import resize_normalize
 from nanopeft.config import TrainConfig
-from nanopeft.data import ImageDataset, check_images, load_image, scan_dataset, stratified_split
+from nanopeft.data import (ImageDataset, check_images, describe_unreadable, load_image, scan_dataset, scan_test_set,
+                           shown, skip_unreadable, stratified_split)
 from nanopeft.metrics import compute_metrics, format_report
 from nanopeft.device import autocast, inference_precision, resolve_device, threads_beside_workers
 from nanopeft.plots import save_confusion_matrix
@@ -65,21 +71,43 @@ def load_model(run: str, device, amp, weights: str | None, merge: str):
         fail(str(e))
 
 
-def test_items(args, cfg: TrainConfig, saved: dict):
+def test_items(args, cfg: TrainConfig, saved: dict) -> tuple[list, dict[str, int]]:
+    """(test samples, {label training never saw: image count}); the second is empty unless --skip-unseen."""
     if args.split == "val":  # rebuild the run's validation split exactly (same data, fraction, seed)
-        items, names = scan_dataset(cfg.data)
-        val = stratified_split(items, val_fraction=cfg.val_fraction, seed=cfg.split_seed)[1]
-        if cfg.skip_bad:  # the run left its unreadable images out (--skip-bad), so does its split
-            bad = {str(p) for p, _ in check_images(val)}
-            val = [s for s in val if str(s.path) not in bad]
-        return val
+        try:
+            items, _ = scan_dataset(cfg.data)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        return stratified_split(items, val_fraction=cfg.val_fraction, seed=cfg.split_seed)[1], {}
     if args.data is None:
         fail("give --data TEST_DIR (image folder or CSV) or --split val")
     try:
-        items, _ = scan_dataset(args.data, class_names=saved["class_names"])
+        items, unseen = scan_test_set(args.data, saved["class_names"])
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    return items
+    if unseen and not args.skip_unseen:
+        counts = ", ".join(f"{label!r} ({n} image{'s' * (n != 1)})" for label, n in unseen.items())
+        fail(f"{shown(args.data)}: class(es) training never saw: {counts}; the run knows {saved['class_names']}. "
+             f"Remove them, or pass --skip-unseen to evaluate the known classes only")
+    if not items:
+        fail(f"{shown(args.data)}: no images of the classes the run knows ({saved['class_names']})")
+    return items, unseen
+
+
+def readable(items, skip_bad: bool) -> tuple[list, list[dict]]:
+    """Decode every test image once up front (check_images, as train.py does), so a bad file is a one-line
+    error instead of a DataLoader worker's traceback; --skip-bad leaves them out and lists them."""
+    bad = check_images(items)
+    if bad and not skip_bad:
+        path, reason = bad[0]
+        fail(f"unreadable image {shown(path)} ({shown(reason)}); {len(bad)} bad file(s) in all. "
+             f"Fix or remove them, or pass --skip-bad")
+    for line in describe_unreadable(bad):
+        print(shown(line))
+    items = skip_unreadable(items, bad)
+    if not items:
+        fail(f"no readable test images: all {len(bad)} are unreadable")
+    return items, [{"path": shown(p), "reason": shown(r)} for p, r in bad]
 
 
 @torch.no_grad()
@@ -163,6 +191,10 @@ def parse_args(argv):
     p.add_argument("--prior-correction", default="none", metavar="none|em|FILE",
                    help="re-weight posteriors to the test priors: none, em (estimated on the test images), "
                         "or a JSON file {class: share}")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable test images out (listed in "
+                                                           "metrics.json `skipped`) instead of stopping")
+    p.add_argument("--skip-unseen", action="store_true", help="evaluate the classes the run knows when the test "
+                   "set has others (counted in metrics.json `unseen_classes`) instead of stopping")
     args = p.parse_args(argv)
     try:
         check_method(args.prior_correction)
@@ -183,7 +215,8 @@ def ensemble_logits(args, items, image_size: int, names: list[str], device, amp)
     for run in args.runs:
         model, saved = load_model(run, device, amp, args.weights, args.merge)
         if saved["class_names"] != names:
-            fail(f"--ensemble: {run} was trained on classes {saved['class_names']}, {args.runs[0]} on {names}")
+            fail(f"--ensemble: {shown(run)} was trained on classes {saved['class_names']}, {shown(args.runs[0])} "
+                 f"on {names}")
         threads = torch.get_num_threads()
         if device.type == "cpu" and args.workers > 0:  # leave the workers their cores
             torch.set_num_threads(threads_beside_workers(args.workers))
@@ -219,11 +252,11 @@ def write_predictions(path: Path, items, names, probs, fixed=None) -> None:
     preds = probs.argmax(-1).tolist()
     extra = ["prediction_corrected", "confidence_corrected"] if fixed is not None else []
     fixed_preds = fixed.argmax(-1).tolist() if fixed is not None else None
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "prediction", "confidence", "source", *extra])
         for i, (s, pr) in enumerate(zip(items, preds)):
-            row = [s.path, names[s.label], names[pr], f"{probs[i, pr]:.6f}", s.source]
+            row = [shown(s.path), names[s.label], names[pr], f"{probs[i, pr]:.6f}", s.source]
             if fixed is not None:
                 row += [names[fixed_preds[i]], f"{fixed[i, fixed_preds[i]]:.6f}"]
             w.writerow(row)
@@ -247,7 +280,13 @@ def print_summary(metrics: dict, speed: dict, batch_size: int, out: Path) -> Non
               f"({speed['latency_ms_with_data']:.2f} with decoding), {speed['throughput_img_s']:.1f} img/s at batch "
               f"{batch_size} ({speed['throughput_img_s_with_data']:.1f} with decoding); whole loop incl. "
               f"data loading {metrics['eval_throughput_img_s']:.1f} img/s")
-    print(f"wrote {out}, {out.with_name('predictions.csv')} and {out.with_name('confusion_matrix.png')}")
+    if metrics.get("skipped"):
+        print(f"left out {len(metrics['skipped'])} unreadable image(s) (--skip-bad; listed in metrics.json)")
+    if metrics.get("unseen_classes"):
+        print(f"left out {sum(metrics['unseen_classes'].values())} image(s) of classes the run never saw "
+              f"(--skip-unseen): " + ", ".join(f"{shown(k)} {v}" for k, v in metrics["unseen_classes"].items()))
+    print(f"wrote {shown(out)}, {shown(out.with_name('predictions.csv'))} and "
+          f"{shown(out.with_name('confusion_matrix.png'))}")
 
 
 def main(argv=None) -> dict:
@@ -257,7 +296,9 @@ def main(argv=None) -> dict:
     print(path)
     cfg0, saved0 = read_run(args.runs[0])
     names = saved0["class_names"]
-    items = test_items(args, cfg0, saved0)
+    items, unseen = test_items(args, cfg0, saved0)
+    # a --skip-bad run left its unreadable images out of its validation split, so does the rebuilt split
+    items, skipped = readable(items, args.skip_bad or (args.split == "val" and cfg0.skip_bad))
     logits, wall, speed = ensemble_logits(args, items, saved0["train"]["image_size"], names, device, amp)
     probs = logits.softmax(-1)
     fixed, info = prior_corrected(args, probs, cfg0, saved0, names)
@@ -265,14 +306,15 @@ def main(argv=None) -> dict:
     metrics = score(items, probs, names)
     metrics.update(speed)
     metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) / wall, runs=args.runs,
-                   data=args.data if args.split == "test" else "val split", merged=args.merge)
+                   data=shown(args.data) if args.split == "test" else "val split", merged=args.merge,
+                   skipped=skipped, unseen_classes={shown(k): n for k, n in unseen.items()})
     if fixed is not None:
         metrics.update(corrected=score(items, fixed, names), prior_correction=info)
     out = out_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     write_predictions(out.with_name("predictions.csv"), items, names, probs, fixed)
-    title = f"{Path(args.runs[0]).name} on {Path(args.data).name if args.data else 'its val split'}"
+    title = f"{shown(Path(args.runs[0]).name)} on {shown(Path(args.data).name) if args.data else 'its val split'}"
     save_confusion_matrix(metrics["confusion_matrix"], names, out.with_name("confusion_matrix.png"), title=title)
     if fixed is not None:
         save_confusion_matrix(metrics["corrected"]["confusion_matrix"], names,

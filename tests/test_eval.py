@@ -146,3 +146,96 @@ def test_data_efficiency_sweep(tmp_path):
     assert sorted(sum(s.label == c for s in small) for c in (0, 1)) == [3, 3]  # stratified
     assert "| 6 | 12 |" in (tmp_path / "sweep" / "results.md").read_text()
     assert Image.open(tmp_path / "sweep" / "data_efficiency.png").size == (900, 560)
+
+
+# ---- evalrel: bad test images, unseen classes, non-UTF-8 names (docs/RELIABILITY.md "Evaluation (eval.py)")
+def eval_tiny(run, data, out, *extra):
+    return evaluate.main(["--run", str(run), "--data", str(data), "--out", str(out), "--workers", "0",
+                          "--speed-reps", "0", "--batch-size", "4", *extra])
+
+
+def damage(path: Path, kind: str) -> None:
+    from PIL import Image
+
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "zero-bytes":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not an image\n")
+    else:  # smaller than one 16 × 16 patch
+        Image.new("RGB", (8, 8)).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
+
+
+def test_eval_bad_test_image(tiny_run, tmp_path, capsys, reliability_case):
+    kind = reliability_case["id"].removeprefix("eval-bad-image-")
+    run = tiny_run()
+    capsys.readouterr()  # not the training's output
+    test = make_demo_dataset(tmp_path / "test", num_classes=3, per_class=4, size=(40, 32), seed=1)
+    bad = test / "class_1" / "img_0001.jpg"
+    damage(bad, kind)
+    out = tmp_path / "m" / "metrics.json"
+    with pytest.raises(SystemExit) as e:
+        eval_tiny(run, test, out)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and "\n" not in err, err  # one line, no traceback
+    assert f"unreadable image {bad}" in err and "1 bad file(s)" in err and "--skip-bad" in err, err
+    assert not out.parent.exists()  # stopped before evaluating anything
+    m = eval_tiny(run, test, out, "--skip-bad")
+    assert f"skipped {bad}: " in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert [s["path"] for s in saved["skipped"]] == [str(bad)] and saved["skipped"][0]["reason"]
+    assert sum(map(sum, saved["confusion_matrix"])) == 11 and m["skipped"] == saved["skipped"]
+    rows = list(csv.DictReader(open(out.with_name("predictions.csv"), encoding="utf-8")))
+    assert len(rows) == 11 and str(bad) not in {r["path"] for r in rows}
+
+
+def test_eval_unseen_test_class(tiny_run, tmp_path, capsys, reliability_case):
+    import shutil
+
+    run = tiny_run()
+    capsys.readouterr()
+    test = make_demo_dataset(tmp_path / "test", num_classes=3, per_class=4, size=(40, 32), seed=1)
+    (test / "class_9").mkdir()
+    for f in sorted((test / "class_0").iterdir())[:3]:
+        shutil.copy(f, test / "class_9" / f.name)
+    out = tmp_path / "m" / "metrics.json"
+    with pytest.raises(SystemExit) as e:
+        eval_tiny(run, test, out)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and "\n" not in err, err
+    assert "'class_9' (3 images)" in err and "--skip-unseen" in err and str(test) in err, err
+    assert not out.parent.exists()
+    eval_tiny(run, test, out, "--skip-unseen")
+    assert "3 image(s) of classes the run never saw" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["unseen_classes"] == {"class_9": 3} and sum(map(sum, saved["confusion_matrix"])) == 12
+    rows = list(csv.DictReader(open(out.with_name("predictions.csv"), encoding="utf-8")))
+    assert len(rows) == 12 and not any("class_9" in r["path"] for r in rows)
+
+
+def test_eval_non_utf8_file_names(tiny_run, tmp_path, capsys, reliability_case):
+    """A test image and a damaged one whose names are not UTF-8: printed, in metrics.json and predictions.csv
+    with the bytes as \\xNN escapes; the good one is evaluated."""
+    import os
+
+    run = tiny_run()
+    capsys.readouterr()
+    test = make_demo_dataset(tmp_path / "test", num_classes=3, per_class=4, size=(40, 32), seed=1)
+    good = test / "class_0" / os.fsdecode(b"vache_\xe9.png")
+    (test / "class_0" / "img_0000.png").rename(good)
+    bad = test / "class_2" / os.fsdecode(b"caf\xe9.jpg")
+    (test / "class_2" / "img_0001.jpg").rename(bad)
+    damage(bad, "truncated")
+    out = tmp_path / "m" / "metrics.json"
+    with pytest.raises(SystemExit):
+        eval_tiny(run, test, out)
+    err = capsys.readouterr().err
+    assert f"unreadable image {test / 'class_2'}/caf\\xe9.jpg" in err, err
+    eval_tiny(run, test, out, "--skip-bad")
+    assert "caf\\xe9.jpg" in capsys.readouterr().out
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["skipped"][0]["path"] == f"{test / 'class_2'}/caf\\xe9.jpg"
+    rows = list(csv.DictReader(open(out.with_name("predictions.csv"), encoding="utf-8")))
+    assert len(rows) == 11 and f"{test / 'class_0'}/vache_\\xe9.png" in {r["path"] for r in rows}
