@@ -332,8 +332,8 @@ def make_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
 
 
 def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
-    from nanopeft.data import ImageDataset, check_images, describe_unreadable, scan_dataset, skip_unreadable, \
-        stratified_split
+    from nanopeft.data import (ImageDataset, check_images, describe_unreadable, scan_dataset, shown, skip_unreadable,
+                               stratified_split)
     from nanopeft.distributed import MicroBatchSampler
 
     items, class_names = scan_dataset(cfg.data)
@@ -341,7 +341,7 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     bad = check_images(train_items + val_items, progress=rank == 0)
     if bad and not cfg.skip_bad:
         path, reason = bad[0]
-        fail(f"unreadable image {path} ({reason}); {len(bad)} bad file(s) in all. "
+        fail(f"unreadable image {shown(path)} ({reason}); {len(bad)} bad file(s) in all. "
              f"Fix or remove them, or pass --skip-bad")
     if bad:
         train_items, val_items = skip_unreadable(train_items, bad), skip_unreadable(val_items, bad)
