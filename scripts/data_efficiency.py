@@ -67,7 +67,8 @@ def run_one(k: int, out: Path, manifest: Path, args, extra: list[str]) -> dict:
     """Train (unless finished) and evaluate one k; returns its row of the table."""
     run = out / f"k{k}" / "run"
     if not (run / "summary.json").is_file():
-        resume = ["--resume", str(run)] if (run / "resume.pt").is_file() else ["--out", str(run)]
+        # a run folder with config.json resumes (from the beginning if no resume.pt was written yet)
+        resume = ["--resume", str(run)] if (run / "config.json").is_file() else ["--out", str(run)]
         preset = ["--preset", args.preset] if args.preset else []
         train.main([*preset, "--data", str(manifest), *resume, *extra])
     metrics_file = run / "metrics.json"

@@ -56,7 +56,8 @@ def main(argv=None):
         run = out / name
         if not (run / "metrics.json").is_file():
             if not (run / "summary.json").is_file():
-                resume = ["--resume", str(run)] if (run / "resume.pt").is_file() else ["--out", str(run)]
+                # a run folder with config.json resumes (from the beginning if no resume.pt was written yet)
+                resume = ["--resume", str(run)] if (run / "config.json").is_file() else ["--out", str(run)]
                 train.main(["--preset", name, "--data", args.data, *resume, *extra])
             evaluate.main(["--run", str(run), "--data", args.test])
         rows.append(row_markdown(name, run))
