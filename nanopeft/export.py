@@ -34,16 +34,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import guess_preset, parse_dtype
+from .checkpoint import parse_dtype
+from .save import base_model_id  # the hub id of a released backbone, else its path
 
-HUB_ID = "facebook/dinov3-{}-pretrain-lvd1689m"  # the released backbones (docs/DINOV3.md, "Released sizes")
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
-
-
-def base_model_id(weights: str) -> str:
-    """The hub id of a known DINOv3 release (guessed from the folder name), else the path itself."""
-    preset = guess_preset(Path(str(weights)).name)
-    return HUB_ID.format(preset) if preset else str(weights)
 
 
 def densify(backbone: nn.Module) -> int:
