@@ -42,7 +42,8 @@ from tqdm import tqdm
 from nanopeft.budget import count_params
 from nanopeft.build import build_classifier, memory_estimate, plan_checkpointing
 from nanopeft.config import ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args
-from nanopeft.device import autocast, choose_precision, peak_memory_mb, resolve_device, threads_beside_workers
+from nanopeft.device import (autocast, choose_precision, hugepage_cpu_allocator, peak_memory_mb, resolve_device,
+                             threads_beside_workers)
 from nanopeft.distributed import all_sum
 from nanopeft.history import keep_best, validation_scores, write_history
 from nanopeft.run import (RunError, RunLog, check_new_run_folder, clean_stale_files, load_resume, lock_run_folder,
@@ -254,7 +255,11 @@ def setup_system(cfg: TrainConfig) -> System:
     if device.type == "cpu" and cfg.workers > 0:
         torch.set_num_threads(threads_beside_workers(cfg.workers, world))
     amp, why = choose_precision(device, cfg.precision)
-    return System(rank, world, local, device, amp, [f"precision: {why}"])
+    log = [f"precision: {why}"]
+    if device.type == "cpu":
+        log.append("CPU allocator: page-aligned tensors (THP_MEM_ALLOC_ENABLE=1)" if hugepage_cpu_allocator() else
+                   "CPU allocator: torch's default; THP_MEM_ALLOC_ENABLE=1 before the first tensor lowers the peak")
+    return System(rank, world, local, device, amp, log)
 
 
 def check_inputs(cfg: TrainConfig, args, system: System) -> None:
@@ -582,6 +587,7 @@ def finish_run(out: Path, cfg: TrainConfig, args, system: System, state: dict, c
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
+    hugepage_cpu_allocator()  # first: torch reads its CPU allocator setting at the first tensor
     args = parse_args(argv)
     cfg = run_config(args)
     if args.list_presets:

@@ -19,6 +19,7 @@ import argparse
 import ctypes
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +29,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, build_nanopeft, peak_rss_gb, reset_peak, rss_gb, synthetic_checkpoint, vmhwm_gb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, struct mallinfo2 (all size_t)
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def heap_in_use_gb() -> float | None:
+    """Bytes malloc has handed out and not had back (heap in use + mmapped chunks): the live tensors
+    and the runtime's own small objects, without the free holes RSS also counts. None without glibc."""
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = _MallInfo2
+    m = f()
+    return (m.uordblks + m.hblkhd) / 1e9
+
+
+def track_heap(model: torch.nn.Module) -> dict:
+    """Record the largest heap_in_use_gb() seen after any module's forward or backward."""
+    peak = {"gb": 0.0}
+
+    def probe(*_):
+        peak["gb"] = max(peak["gb"], heap_in_use_gb() or 0.0)
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # modules fed by frozen inputs
+    for m in model.modules():
+        m.register_forward_hook(probe)
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.register_full_backward_hook(probe)
+    return peak
 
 
 def live_gb() -> float:
@@ -53,6 +86,9 @@ def measure(a) -> dict:
     from nanopeft.memory import estimate_training_memory
     from nanopeft.nf4_linear import nf4_nbytes
 
+    from nanopeft.device import hugepage_cpu_allocator
+
+    thp = hugepage_cpu_allocator() if a.allocator == "train" else False  # what train.py does first
     folder = checkpoint_folder(a.preset)
     dtype = DTYPES[a.dtype]
     r0 = live_gb()  # after importing nanopeft (the package imports every stage): the runtime
@@ -75,6 +111,7 @@ def measure(a) -> dict:
 
     step()
     r3 = live_gb()
+    h3, heap = heap_in_use_gb(), track_heap(model)
     reset_peak()
     step()
     r4 = vmhwm_gb()
@@ -82,8 +119,9 @@ def measure(a) -> dict:
                                    device="cpu")
     measured = {"runtime": r0, "weights": r1 - r0, "adapters": r2 - r1, "optimizer+workspace": r3 - r2,
                 "activations": r4 - r3, "step_peak": r4, "ru_maxrss": peak_rss_gb(),
-                "nf4_bytes_exact": nf4_nbytes(model) / 1e9}
-    return {"preset": a.preset, "measured_gb": measured, "model_gb": est.as_dict(),
+                "nf4_bytes_exact": nf4_nbytes(model) / 1e9,
+                "heap_growth_in_step": heap["gb"] - h3 if h3 is not None else None}
+    return {"preset": a.preset, "thp_allocator": thp, "measured_gb": measured, "model_gb": est.as_dict(),
             "model_vs_step_peak": est.total / r4}
 
 
@@ -94,11 +132,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="NF4 compute dtype (CPU: fp32)")
+    p.add_argument("--allocator", default="train", choices=["train", "default"],
+                   help="train: torch's page-aligned CPU allocator, as train.py sets it; default: torch's default")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     r = measure(a)
     m, e = r["measured_gb"], r["model_gb"]
-    print(f"{a.preset} QLoRA r{a.rank} all-linear, batch {a.batch}, {a.image_size} px, {a.dtype}, checkpointing on")
+    print(f"{a.preset} QLoRA r{a.rank} all-linear, batch {a.batch}, {a.image_size} px, {a.dtype}, checkpointing on, "
+          f"CPU allocator: {'page-aligned (THP_MEM_ALLOC_ENABLE=1)' if r['thp_allocator'] else 'default'}")
     print(f"  {'part':<22} {'measured GB':>11} {'model GB':>9}")
     rows = [("runtime", m["runtime"], e["runtime"]),
             ("weights (NF4 + other)", m["weights"], e["nf4_weights"] + e["other_weights"]),
@@ -109,6 +150,8 @@ def main(argv=None):
             ("step peak (VmHWM)", m["step_peak"], e["total"])]
     for name, meas, mod in rows:
         print(f"  {name:<22} {meas:>11.3f} {mod:>9.3f}")
+    if m["heap_growth_in_step"] is not None:  # what the tensors took; the rest of the RSS growth is free holes
+        print(f"  {'  of which live heap':<22} {m['heap_growth_in_step']:>11.3f} {e['activations'] + e['gradients']:>9.3f}")
     print(f"  model / measured step peak: {r['model_vs_step_peak']:.3f}   (ru_maxrss incl. load: {m['ru_maxrss']:.2f} GB)")
     if a.json:
         a.json.write_text(json.dumps(r, indent=2))

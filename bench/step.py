@@ -8,7 +8,9 @@
            median process CPU s/step ("cpu ×"): with --threads 1 on a shared machine it is the work
            the step did, while wall time also counts the waits for a core
     peak : ru_maxrss of the process (load included) and the step's own peak (VmHWM reset after the
-           warm-up step), GB
+           warm-up step), GB. nanopeft's side runs with torch's page-aligned CPU allocator, which
+           train.py turns on (nanopeft.device.hugepage_cpu_allocator); --thp both gives it to the
+           reference too, --thp none to neither
 
 Rows are the product of the flags (comma lists). Sweeps: --sweep rank (8, 16, 64) or --sweep batch
 (1, 4, 16) on the first row. Results and commands: docs/BENCHMARKS.md ("Whole step and inference").
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -38,6 +41,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def child(a) -> dict:
+    if a.side == "nanopeft" and a.thp in ("ours", "both") or a.side == "reference" and a.thp == "both":
+        from nanopeft.device import hugepage_cpu_allocator
+
+        hugepage_cpu_allocator()  # what train.py does first (before any tensor exists)
     torch.set_num_threads(a.threads) if a.threads else None
     dtype = DTYPES[a.dtype]
     folder = synthetic_checkpoint(a.model)
@@ -74,7 +81,8 @@ def child(a) -> dict:
     times = timed(step, a.steps, cpu)
     return {"s_per_step": statistics.median(times), "times": times, "cpu_s_per_step": statistics.median(cpu),
             "peak_gb": peak_rss_gb(),
-            "step_peak_gb": vmhwm_gb() - before, "trainable": sum(p.numel() for p in params)}
+            "step_peak_gb": vmhwm_gb() - before, "trainable": sum(p.numel() for p in params),
+            "thp_allocator": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
 
 def rows(a) -> list[dict]:
@@ -93,7 +101,7 @@ def child_args(row: dict, side: str, a) -> list[str]:
     args = [f"--{k}={v}" for k, v in row.items()] + [f"--side={side}", f"--steps={a.steps}",
                                                       f"--dropout={a.dropout}", f"--image-size={a.image_size}",
                                                       f"--dora-dropout={a.dora_dropout}", f"--sampler={a.sampler}",
-                                                      f"--our-checkpointing={a.our_checkpointing}"]
+                                                      f"--our-checkpointing={a.our_checkpointing}", f"--thp={a.thp}"]
     return args + ([f"--threads={a.threads}"] if a.threads else [])
 
 
@@ -114,6 +122,9 @@ def main(argv=None):
     p.add_argument("--sampler", default="torch", choices=["torch", "bits"], help="nanopeft's dropout sampler")
     p.add_argument("--our-checkpointing", default="all", choices=["all", "none"],
                    help="nanopeft's gradient checkpointing (none: --grad-checkpointing auto's pick when memory allows)")
+    p.add_argument("--thp", default="ours", choices=["ours", "both", "none"],
+                   help="torch's page-aligned CPU allocator (THP_MEM_ALLOC_ENABLE=1): nanopeft's side only, as "
+                        "train.py sets it (ours), both sides, or neither")
     p.add_argument("--sides", default="reference,nanopeft", help="comma list: reference, nanopeft")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--json", type=Path, help="also write the rows here")

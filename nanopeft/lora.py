@@ -237,10 +237,14 @@ class LoRALinear(AdapterBase):
         super().__init__(base, rank, alpha, dropout, use_rslora, dropout_sampler)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The low-rank path runs first: backward needs its tensors, never x W0ᵀ. Under gradient
+        # checkpointing the recomputation stops at the last saved tensor (torch's non-reentrant
+        # early stop), so for a block's last Linear (the MLP's down projection) it now ends before
+        # the frozen product: a third of a ViT block's matmuls are not recomputed. The sum is the same.
+        xa = x.to(self.lora_A.weight.dtype)                     # adapters compute in fp32
+        u = self.lora_B(self.lora_A(self.lora_dropout(xa)))     # (..., out) = B A dropout(x)
         y = self.base_layer(x)                                  # (..., out) = x W0ᵀ + b, base dtype
-        x = x.to(self.lora_A.weight.dtype)                      # adapters compute in fp32
-        h = self.lora_A(self.lora_dropout(x))                   # (..., r)
-        return (y + self.scaling * self.lora_B(h)).to(y.dtype)  # LoRA Eq. 3, back to the base dtype
+        return (y + self.scaling * u).to(y.dtype)               # LoRA Eq. 3, back to the base dtype
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -163,7 +163,28 @@ class LayerScale(nn.Module):
         self.lambda1 = nn.Parameter(torch.full((dim,), float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.lambda1  # CaiT (Touvron et al. 2021) Eq. 3: diag(λ) per residual branch
+        if self.lambda1.requires_grad:
+            return x * self.lambda1  # CaiT (Touvron et al. 2021) Eq. 3: diag(λ) per residual branch
+        return FrozenScale.apply(x, self.lambda1)  # the same product, saving no tensor for backward
+
+
+class FrozenScale(torch.autograd.Function):
+    """y = x · λ for a frozen λ, and ∂L/∂x = ∂L/∂y · λ: `x * λ` with λ kept on ctx, not saved.
+
+    Why: a block's last op is this scale, and autograd's `x * λ` saves λ. Non-reentrant gradient
+    checkpointing (early stop) recomputes a block up to the last tensor the forward saved, so that
+    save would drag the recomputation through the MLP's down projection, whose output backward never
+    needs. With nothing saved here, the recomputation ends after the down projection's low-rank path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lam):
+        ctx.lam = lam  # a frozen parameter (not an activation): holding it costs nothing
+        return x * lam
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.lam, None
 
 
 class DropPath(nn.Module):

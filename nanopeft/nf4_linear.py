@@ -12,8 +12,6 @@ checkpoint saved pre-quantized by transformers + bitsandbytes loads into it as i
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,16 +39,19 @@ class NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w: NF4Weight, bias):
-        ctx.names = tuple(w.tensors())
-        ctx.save_for_backward(*w.tensors().values())                # the 4-bit weight, nothing else
-        ctx.w = replace(w, **{k: None for k in ctx.names})          # its metadata
+        # The 4-bit weight is kept on ctx, not through save_for_backward: it is the layer's own frozen
+        # buffers (no copy, no activation), and a saved tensor would be packed *after* this product.
+        # Gradient checkpointing (non-reentrant, early stop) ends a block's recomputation at the last
+        # tensor the block saved; saving nothing here lets it stop before the block's last frozen
+        # product, which backward never reads (see LoRALinear.forward).
+        ctx.w = w
         return F.linear(x, nf4_cuda.dequantize(w, x.dtype, out=_scratch(w, x.dtype)), bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad):
         gx = gb = None
         if ctx.needs_input_grad[0]:
-            w = replace(ctx.w, **dict(zip(ctx.names, ctx.saved_tensors)))
+            w = ctx.w
             gx = grad @ nf4_cuda.dequantize(w, grad.dtype, out=_scratch(w, grad.dtype))  # (..., out) @ (out, in)
         if ctx.needs_input_grad[2]:
             gb = grad.reshape(-1, grad.shape[-1]).sum(0)

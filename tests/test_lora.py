@@ -187,3 +187,46 @@ def test_merge_adapters_into_another_dtype():
     assert type(merged) is nn.Linear and merged.weight.dtype == torch.bfloat16
     assert torch.allclose(merged(x.bfloat16()).float(), y, atol=3e-2, rtol=0)
     assert inference_dtype(torch.device("cpu")) in (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("sampler", ["torch", "bits"])
+def test_checkpointed_qlora_skips_each_blocks_last_frozen_product_with_the_same_gradients(sampler, monkeypatch):
+    """Under gradient checkpointing the recomputation stops at a block's last saved tensor: the MLP's
+    down projection runs its low-rank path, then its frozen product, which backward never reads, so
+    that product is not recomputed. Gradients (dropout on, same seed) are bit-identical to no
+    checkpointing, and the recomputation runs every block's frozen products but the down projection's."""
+    import nanopeft.nf4_linear as nf4_linear
+    from nanopeft import DINOv3ViT, PRESETS
+
+    torch.manual_seed(0)
+    model = DINOv3ViT(PRESETS["tiny"].replace(num_hidden_layers=2, drop_path_rate=0.0))
+    model.set_rope_augmentation(None, None, None)
+    for block in model.layer:  # NF4 bases, as QLoRA trains them
+        for parent in (block.attention, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, NF4Linear.from_linear(child))
+    add_adapters(model, method="lora", rank=4, alpha=8, dropout=0.1, targets="all-linear", dropout_sampler=sampler)
+    for p in model.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.02)  # B ≠ 0, so every gradient is non-trivial
+    model.train()
+    calls = []
+    real = nf4_linear.NF4Matmul.forward
+    monkeypatch.setattr(nf4_linear.NF4Matmul, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    x = torch.randn(2, 3, 32, 32)
+    grads, counts = {}, {}
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.set_gradient_checkpointing(ckpt)
+        calls.clear()
+        torch.manual_seed(1)
+        model(x).square().mean().backward()
+        counts[ckpt] = len(calls)
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    linears = sum(isinstance(m, NF4Linear) for m in model.modules())
+    assert counts[False] == linears                        # one forward product per layer
+    assert counts[True] == 2 * linears - len(model.layer)  # recomputed: all but each block's down_proj
+    assert grads[True].keys() == grads[False].keys() and len(grads[False]) == 2 * linears
+    for n, g in grads[False].items():
+        assert torch.equal(g, grads[True][n]), n

@@ -160,3 +160,19 @@ def test_grad_checkpointing_flag_keeps_its_old_switch_forms():
     assert chosen("--no-grad-checkpointing") == "none"   # the old switch's negation
     assert chosen("--grad-checkpointing", "auto") == "auto"
     assert chosen() == "all"
+
+
+@pytest.mark.parametrize("env, on", [(None, True), ("0", False), ("1", True)])
+def test_hugepage_cpu_allocator_is_on_in_a_fresh_process_unless_the_user_said_no(env, on):
+    """train.py's first call: in a process that has no tensor yet it turns on torch's page-aligned CPU
+    allocator (a 2 MiB tensor's address becomes a multiple of 4096); a value the user set wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from nanopeft.device import hugepage_cpu_allocator; "
+            "print(hugepage_cpu_allocator(), os.environ['THP_MEM_ALLOC_ENABLE'])")
+    e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | ({} if env is None else
+                                                                                 {"THP_MEM_ALLOC_ENABLE": env})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, check=True).stdout
+    assert out.split() == [str(on), env or "1"]
