@@ -491,9 +491,9 @@ def checkpoint(out: Path, cfg: TrainConfig, system: System, model, optimizer, sc
     """resume.pt now (rank 0), recording metrics.jsonl's length; never of non-finite weights (they would
     replace the last good checkpoint). Under --overwrite the first one swaps the new run into --out, so the
     old run is deleted only once the new one can resume. Returns the run folder (moved by that swap)."""
+    check_finite_weights(model, state, out)  # every rank: DDP keeps the weights equal, so all stop together
     if not system.master:
         return out
-    check_finite_weights(model, state, out)
     state["metrics_bytes"] = log.metrics_bytes()
     try:
         save_resume(out, model, optimizer, scaler, state)
@@ -510,11 +510,11 @@ def checkpoint(out: Path, cfg: TrainConfig, system: System, model, optimizer, sc
 def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict, class_names: list[str],
               scores: dict) -> None:
     """The best epoch's adapter/ (rank 0; finite weights only); a failed write is a one-line error naming the file."""
+    check_finite_weights(model, state, out)  # every rank, as in checkpoint(): none waits for a rank that stopped
     if not system.master:
         return
     from safetensors import SafetensorError
 
-    check_finite_weights(model, state, out)
     try:
         save_run_weights(model, cfg, out / "adapter", class_names, scores)
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports a failed write as its own error

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -88,7 +89,9 @@ def measure(a) -> dict:
 
     from nanopeft.device import hugepage_cpu_allocator
 
-    thp = hugepage_cpu_allocator() if a.allocator == "train" else False  # what train.py does first
+    if a.allocator == "default":  # set, not inherited: torch reads it at the first CPU allocation
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
+    thp = hugepage_cpu_allocator()  # what train.py does first; False when the variable says 0
     folder = checkpoint_folder(a.preset)
     dtype = DTYPES[a.dtype]
     r0 = live_gb()  # after importing nanopeft (the package imports every stage): the runtime

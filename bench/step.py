@@ -18,6 +18,7 @@ Rows are the product of the flags (comma lists). Sweeps: --sweep rank (8, 16, 64
     python bench/step.py --method lora --dtype fp32,bf16 --steps 3        # ViT-B QLoRA r16 all-linear
     python bench/step.py --method lora,dora --targets all-linear,q_proj --rank 16,64 --model vitb16,vitl16
     python bench/step.py --sweep rank --steps 3
+    python bench/step.py --our-checkpointing budget --rounds 3   # our recomputation at the reference's peak
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def child(a) -> dict:
-    if a.side == "nanopeft" and a.thp in ("ours", "both") or a.side == "reference" and a.thp == "both":
-        from nanopeft.device import hugepage_cpu_allocator
-
-        hugepage_cpu_allocator()  # what train.py does first (before any tensor exists)
+    thp = a.side == "nanopeft" and a.thp in ("ours", "both") or a.side == "reference" and a.thp == "both"
+    # set, not inherited (a parent that ran train.py has it in its environment): torch reads it at the
+    # first CPU allocation, which is still ahead; on our side this is what train.py does first
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if thp else "0"
     torch.set_num_threads(a.threads) if a.threads else None
     dtype = DTYPES[a.dtype]
     folder = synthetic_checkpoint(a.model)
@@ -53,6 +54,12 @@ def child(a) -> dict:
     if a.side == "nanopeft":
         kw["checkpointing"] = a.our_checkpointing == "all"  # none: what --grad-checkpointing auto picks with room
         model = build_nanopeft(folder, dora_dropout=a.dora_dropout, dropout_sampler=a.sampler, **kw)
+        if a.our_checkpointing == "budget":  # --grad-checkpointing auto --memory-budget GB, as train.py plans it
+            from nanopeft.memory import fewest_checkpointed_blocks
+
+            k = fewest_checkpointed_blocks(model, a.budget, batch_size=a.batch, image_size=a.image_size,
+                                           compute_dtype=dtype, device="cpu")
+            model.backbone.gradient_checkpointing = model.backbone.config.num_hidden_layers if k is None else k
     else:
         model = build_reference(folder, **kw)
     device = next(model.parameters()).device
@@ -79,7 +86,9 @@ def child(a) -> dict:
     reset_peak()
     cpu = []
     times = timed(step, a.steps, cpu)
+    blocks = getattr(getattr(model, "backbone", None), "gradient_checkpointing", None)
     return {"s_per_step": statistics.median(times), "times": times, "cpu_s_per_step": statistics.median(cpu),
+            "checkpointed_blocks": blocks if isinstance(blocks, int) and not isinstance(blocks, bool) else str(blocks),
             "peak_gb": peak_rss_gb(),
             "step_peak_gb": vmhwm_gb() - before, "trainable": sum(p.numel() for p in params),
             "thp_allocator": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
@@ -97,8 +106,8 @@ def rows(a) -> list[dict]:
     return out
 
 
-def child_args(row: dict, side: str, a) -> list[str]:
-    args = [f"--{k}={v}" for k, v in row.items()] + [f"--side={side}", f"--steps={a.steps}",
+def child_args(row: dict, side: str, a, budget: float = 0.0) -> list[str]:
+    args = [f"--{k}={v}" for k, v in row.items()] + [f"--side={side}", f"--steps={a.steps}", f"--budget={budget}",
                                                       f"--dropout={a.dropout}", f"--image-size={a.image_size}",
                                                       f"--dora-dropout={a.dora_dropout}", f"--sampler={a.sampler}",
                                                       f"--our-checkpointing={a.our_checkpointing}", f"--thp={a.thp}"]
@@ -120,8 +129,13 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dora-dropout", default="peft", choices=["peft", "lora"], help="nanopeft's DoRA dropout mode")
     p.add_argument("--sampler", default="torch", choices=["torch", "bits"], help="nanopeft's dropout sampler")
-    p.add_argument("--our-checkpointing", default="all", choices=["all", "none"],
-                   help="nanopeft's gradient checkpointing (none: --grad-checkpointing auto's pick when memory allows)")
+    p.add_argument("--our-checkpointing", default="all", choices=["all", "none", "budget"],
+                   help="nanopeft's gradient checkpointing: all blocks, none (--grad-checkpointing auto's pick when "
+                        "memory allows), or budget: the fewest blocks whose step fits --memory-budget by the memory "
+                        "model (train.py --grad-checkpointing auto --memory-budget GB)")
+    p.add_argument("--memory-budget", type=float, default=0.0,
+                   help="GB for --our-checkpointing budget; 0: the reference's peak RSS in the same round")
+    p.add_argument("--budget", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--thp", default="ours", choices=["ours", "both", "none"],
                    help="torch's page-aligned CPU allocator (THP_MEM_ALLOC_ENABLE=1): nanopeft's side only, as "
                         "train.py sets it (ours), both sides, or neither")
@@ -138,12 +152,16 @@ def main(argv=None):
     sides = [s for s in a.sides.split(",") if s]
     results = []
     print(f"{'model':<7} {'method':<5} {'targets':<10} {'r':>3} {'dtype':<5} {'B':>3} | "
-          f"{'ref s/step':>10} {'ours s/step':>11} {'time ×':>7} {'cpu ×':>6} | {'ref peak':>8} {'our peak':>8} {'peak ×':>7}")
+          f"{'ref s/step':>10} {'ours s/step':>11} {'time ×':>7} {'cpu ×':>6} | {'ref peak':>8} {'our peak':>8} {'peak ×':>7} | "
+          f"our recomputed blocks")
     for row in rows(a):
-        best = {}
+        best, every = {}, {"reference": [], "nanopeft": []}
         for _ in range(a.rounds):
+            ref_peak = 0.0
             for side in sides:  # alternating: both sides see the same machine load
-                r = run_child(Path(__file__), child_args(row, side, a))
+                r = run_child(Path(__file__), child_args(row, side, a, a.memory_budget or ref_peak))
+                ref_peak = r.get("peak_gb", 0.0) if side == "reference" else ref_peak
+                every.setdefault(side, []).append({k: r.get(k) for k in ("s_per_step", "cpu_s_per_step", "peak_gb")})
                 if "error" in r:
                     print(f"  {side} {row}: {r['error']}", file=sys.stderr)
                     continue
@@ -155,8 +173,12 @@ def main(argv=None):
         print(f"{row['model']:<7} {method:<5} {row['targets']:<10} {row['rank']:>3} {row['dtype']:<5} {row['batch']:>3} | "
               f"{ref.get('s_per_step', float('nan')):>10.2f} {ours.get('s_per_step', float('nan')):>11.2f} "
               f"{ratio('s_per_step'):>6.2f}× {ratio('cpu_s_per_step'):>5.2f}× | {ref.get('peak_gb', float('nan')):>8.2f} "
-              f"{ours.get('peak_gb', float('nan')):>8.2f} {ratio('peak_gb'):>6.2f}×", flush=True)
-        results.append({**row, "reference": ref, "nanopeft": ours, "time_ratio": ratio("s_per_step"),
+              f"{ours.get('peak_gb', float('nan')):>8.2f} {ratio('peak_gb'):>6.2f}× | "
+              f"{ours.get('checkpointed_blocks', '-')}", flush=True)
+        if a.rounds > 1:  # every round, so the spread is on record beside the kept (lowest) median
+            print("    rounds, s/step: " + "; ".join(f"{k} " + ", ".join(f"{r['s_per_step']:.2f}" for r in v)
+                                                for k, v in every.items() if v), flush=True)
+        results.append({**row, "rounds": every, "reference": ref, "nanopeft": ours, "time_ratio": ratio("s_per_step"),
                         "cpu_ratio": ratio("cpu_s_per_step"), "peak_ratio": ratio("peak_gb")})
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))

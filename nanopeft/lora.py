@@ -97,9 +97,11 @@ class BitsDropout(nn.Module):
     two int32 lanes each) from torch's global generator, so `torch.manual_seed` and gradient
     checkpointing's RNG replay work as for nn.Dropout; the mask *stream* differs from bernoulli_'s,
     so the masks differ seed for seed (same distribution). Drawing the mask is cheaper (4 random bytes
-    per entry and an integer compare, where bernoulli_ converts each draw to a float), but applying it
-    costs what nn.Dropout's does, and a whole training step showed no gain (docs/BENCHMARKS.md "Whole
-    step and inference"); hence not the default. Backward keeps the bool mask, like nn.Dropout.
+    per entry and an integer compare, where bernoulli_ converts each draw to a float); applying it
+    costs what nn.Dropout's does. In a profiled ViT-B QLoRA step the masks took 6.5 % of the time
+    against bernoulli_'s 12.6 % (docs/BENCHMARKS.md "Whole step and inference"), so it is train.py's
+    default (--dropout-sampler bits); make_dropout(p, "torch") keeps PEFT's masks seed for seed.
+    Backward keeps the bool mask, like nn.Dropout.
     """
 
     def __init__(self, p: float):
