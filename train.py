@@ -75,6 +75,15 @@ def fail(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- config
+def split_train_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`script.py ARGS -- TRAIN_FLAGS` (scripts/paper_table.py, scripts/data_efficiency.py): the script's
+    own arguments, and the flags after `--` that go to every train.py run it starts."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
