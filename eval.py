@@ -45,6 +45,7 @@ from nanopeft.data import (ImageDataset, check_images, describe_unreadable, load
 from nanopeft.metrics import compute_metrics, format_report
 from nanopeft.device import autocast, inference_precision, resolve_device, threads_beside_workers
 from nanopeft.plots import save_confusion_matrix
+from nanopeft.prepack import prepack_for_inference
 from nanopeft.predict import read_run as _read_run
 from nanopeft.predict import run_classifier, run_train_priors
 from nanopeft.prior import check_method, correct
@@ -187,6 +188,8 @@ def parse_args(argv):
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--merge", default="yes", choices=["yes", "requantize", "no"],
                    help="fold adapters into the base (yes: compute dtype; requantize: back to NF4; no)")
+    p.add_argument("--prepack", default="auto", choices=["auto", "no"],
+                   help="CPU, fp32: reorder the merged Linear weights once for oneDNN (auto; same outputs)")
     p.add_argument("--speed-reps", type=int, default=20, help="timed calls per speed measurement (0: skip)")
     p.add_argument("--prior-correction", default="none", metavar="none|em|FILE",
                    help="re-weight posteriors to the test priors: none, em (estimated on the test images), "
@@ -207,13 +210,19 @@ def parse_args(argv):
 
 
 def ensemble_logits(args, items, image_size: int, names: list[str], device, amp):
-    """Average logits of the runs, the loop's wall time, and the (combined) speed measurement."""
+    """Average logits of the runs, the loop's wall time, the (combined) speed measurement, and the line
+    saying whether the Linears were prepacked."""
     ds = ImageDataset(items, image_size=image_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     logits, wall, speed = 0, 0.0, {}
-    for run in args.runs:
+    for i, run in enumerate(args.runs):
         model, saved = load_model(run, device, amp, args.weights, args.merge)
+        # the layout hint: the patch tokens of one batch (any other count is still exact)
+        packing = prepack_for_inference(model, device, amp, args.batch_size * (image_size // 16) ** 2,
+                                        args.prepack == "auto")
+        if i == 0:
+            print(packing)
         if saved["class_names"] != names:
             fail(f"--ensemble: {shown(run)} was trained on classes {saved['class_names']}, {shown(args.runs[0])} "
                  f"on {names}")
@@ -227,7 +236,7 @@ def ensemble_logits(args, items, image_size: int, names: list[str], device, amp)
             speed = combine_speed(speed, measure_speed(model, items, image_size, args.batch_size, device, amp,
                                                        args.speed_reps))
         del model
-    return logits / len(args.runs), wall, speed
+    return logits / len(args.runs), wall, speed, packing
 
 
 def score(items, probs: torch.Tensor, names: list[str]) -> dict:
@@ -299,7 +308,7 @@ def main(argv=None) -> dict:
     items, unseen = test_items(args, cfg0, saved0)
     # a --skip-bad run left its unreadable images out of its validation split, so does the rebuilt split
     items, skipped = readable(items, args.skip_bad or (args.split == "val" and cfg0.skip_bad))
-    logits, wall, speed = ensemble_logits(args, items, saved0["train"]["image_size"], names, device, amp)
+    logits, wall, speed, packing = ensemble_logits(args, items, saved0["train"]["image_size"], names, device, amp)
     probs = logits.softmax(-1)
     fixed, info = prior_corrected(args, probs, cfg0, saved0, names)
 
@@ -307,6 +316,7 @@ def main(argv=None) -> dict:
     metrics.update(speed)
     metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) / wall, runs=args.runs,
                    data=shown(args.data) if args.split == "test" else "val split", merged=args.merge,
+                   inference_path=f"{path}; {packing}",
                    skipped=skipped, unseen_classes={shown(k): n for k, n in unseen.items()})
     if fixed is not None:
         metrics.update(corrected=score(items, fixed, names), prior_correction=info)

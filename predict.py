@@ -9,7 +9,8 @@ Rows: path, label, prob, label_2, prob_2, ..., the CSV's other columns, error (s
 decode: the run goes on). Output is in input order and flushed after every batch; re-running with the same
 --out skips what is already there. With torchrun, mind the `--` before predict.py: without it torch's launcher
 takes --run for an abbreviation of its own --run-path. Adapters are merged into the backbone before
-predicting. --prior-correction re-weights the posteriors to the test set's class priors (nanopeft/prior.py):
+predicting; on a CPU in fp32 the Linear weights are then reordered once for oneDNN (`--prepack auto`,
+nanopeft/prepack.py: same outputs, faster small batches). --prior-correction re-weights the posteriors to the test set's class priors (nanopeft/prior.py):
 `em` estimates them from these very images, FILE gives them (JSON {class: share}).
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from nanopeft.distributed import init_distributed
 from nanopeft.device import inference_precision, resolve_device, threads_beside_workers
+from nanopeft.prepack import prepack_for_inference
 from nanopeft.predict import list_inputs, predict_to_csv, run_classifier, run_train_priors, read_run
 from nanopeft.prior import check_method
 
@@ -47,6 +49,8 @@ def parse_args(argv):
     p.add_argument("--weights", help="--run: backbone path, if not where the run recorded it")
     p.add_argument("--prior-correction", default="none", metavar="none|em|FILE",
                    help="re-weight posteriors to the test priors: none, em (estimated), or a JSON {class: share}")
+    p.add_argument("--prepack", default="auto", choices=["auto", "no"],
+                   help="CPU, fp32: reorder the Linear weights once for oneDNN (auto; same outputs)")
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error("--top-k must be >= 1")
@@ -83,6 +87,11 @@ def main(argv=None) -> dict:
     try:
         inputs = list_inputs(args.data)
         model, names, size, priors = load(args, device, amp)
+        # the layout hint: the patch tokens of one batch (any other count is still exact)
+        packing = prepack_for_inference(model, device, amp, args.batch_size * (size // 16) ** 2,
+                                        args.prepack == "auto")
+        if rank == 0:
+            print(packing)
         summary = predict_to_csv(model, inputs, args.out, names, size, top_k=args.top_k, batch_size=args.batch_size,
                                  workers=args.workers, device=device, amp=amp, prior=args.prior_correction,
                                  train_priors=priors)
