@@ -98,7 +98,7 @@ class BitsDropout(nn.Module):
     checkpointing's RNG replay work as for nn.Dropout; the mask *stream* differs from bernoulli_'s,
     so the masks differ seed for seed (same distribution). Drawing the mask is cheaper (4 random bytes
     per entry and an integer compare, where bernoulli_ converts each draw to a float); applying it
-    costs what nn.Dropout's does. In a profiled ViT-B QLoRA step the masks took 6.5 % of the time
+    costs what nn.Dropout's does (LoRALinear folds the 1/(1 − p) into its rank-r tensor instead). In a profiled ViT-B QLoRA step the masks took 6.5 % of the time
     against bernoulli_'s 12.6 % (docs/BENCHMARKS.md "Whole step and inference"), so it is train.py's
     default (--dropout-sampler bits); make_dropout(p, "torch") keeps PEFT's masks seed for seed.
     Backward keeps the bool mask, like nn.Dropout.
@@ -128,18 +128,21 @@ def keep_mask(shape, threshold: int, device) -> torch.Tensor:
 
 
 class _MaskedScale(torch.autograd.Function):
-    """y = x · mask · scale, and ∂L/∂x = ∂L/∂y · mask · scale (nn.Dropout's formula and op order)."""
+    """y = x · mask · scale, and ∂L/∂x = ∂L/∂y · mask · scale (nn.Dropout's formula and op order);
+    scale None: y = x · mask (a caller that applies the scale elsewhere: LoRALinear.lowrank_folded)."""
 
     @staticmethod
     def forward(ctx, x, mask, scale):
         ctx.save_for_backward(mask)
         ctx.scale = scale
-        return x.mul(mask).mul_(scale)
+        y = x.mul(mask)
+        return y if scale is None else y.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad.mul(mask).mul_(ctx.scale), None, None
+        g = grad.mul(mask)
+        return (g if ctx.scale is None else g.mul_(ctx.scale)), None, None
 
 
 
@@ -244,9 +247,25 @@ class LoRALinear(AdapterBase):
         # early stop), so for a block's last Linear (the MLP's down projection) it now ends before
         # the frozen product: a third of a ViT block's matmuls are not recomputed. The sum is the same.
         xa = x.to(self.lora_A.weight.dtype)                     # adapters compute in fp32
-        u = self.lora_B(self.lora_A(self.lora_dropout(xa)))     # (..., out) = B A dropout(x)
+        if isinstance(self.lora_dropout, BitsDropout) and self.lora_dropout.training:
+            su = self.lowrank_folded(xa)                        # the fast path below, the same value
+        else:
+            su = self.scaling * self.lora_B(self.lora_A(self.lora_dropout(xa)))  # (..., out) = s·B A dropout(x)
         y = self.base_layer(x)                                  # (..., out) = x W0ᵀ + b, base dtype
-        return (y + self.scaling * u).to(y.dtype)               # LoRA Eq. 3, back to the base dtype
+        return (y + su).to(y.dtype)                             # LoRA Eq. 3, back to the base dtype
+
+    def lowrank_folded(self, xa: torch.Tensor) -> torch.Tensor:
+        """s·B A dropout(x) in training with BitsDropout, its two scalars moved onto the rank-r tensor:
+
+            s · B A (x ⊙ m / (1 − p))  =  B ((s / (1 − p)) · A (x ⊙ m))      (A, B linear, no bias)
+
+        The written order scales the (N, in) input by 1/(1 − p) and the (N, out) output by s, in forward
+        and again in backward; here one (N, r) tensor is scaled, r ≪ in, out. The same mask (the same
+        draw from the generator as BitsDropout's), the same value up to fp32 rounding (tests/test_lora.py).
+        """
+        d = self.lora_dropout
+        h = self.lora_A(_MaskedScale.apply(xa, keep_mask(xa.shape, d.threshold, xa.device), None))  # (..., r)
+        return self.lora_B(h * (self.scaling / (1.0 - d.p)))   # (..., out)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
