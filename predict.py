@@ -10,8 +10,9 @@ decode: the run goes on). Output is in input order and flushed after every batch
 --out skips what is already there. With torchrun, mind the `--` before predict.py: without it torch's launcher
 takes --run for an abbreviation of its own --run-path. Adapters are merged into the backbone before
 predicting; on a CPU in fp32 the Linear weights are then reordered once for oneDNN (`--prepack auto`,
-nanopeft/prepack.py: same outputs, faster small batches). --prior-correction re-weights the posteriors to the test set's class priors (nanopeft/prior.py):
-`em` estimates them from these very images, FILE gives them (JSON {class: share}).
+nanopeft/prepack.py: same outputs, faster small batches). --prior-correction re-weights the posteriors to
+the test set's class priors (nanopeft/prior.py): `em` estimates them from these very images, FILE gives
+them (JSON {class: share}).
 """
 
 from __future__ import annotations

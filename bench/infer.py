@@ -12,7 +12,8 @@ Eval mode, torch.inference_mode(), 224 px, r16 all-linear, B ≠ 0 (a trained-lo
 in turn (a same-run ratio: on a shared machine a fresh process per cell moved 1.8–3.2 images/s for one
 model); --rounds repeats and takes the median per cell; images/s = batch / median forward time over --iters calls after
 one warm-up; also images per process-CPU second (with --threads 1 on a shared machine: the work done,
-without the waits for a core; --cpu-time prints that instead). --dtype bf16 loads every weight in bf16 and runs under bf16 autocast, on both sides.
+without the waits for a core; --cpu-time prints that instead). --dtype bf16 loads every weight in bf16
+and runs under bf16 autocast, on both sides.
 Results and commands: docs/BENCHMARKS.md ("Whole step and inference").
 
     python bench/infer.py --method lora,dora --batch 1,32 --dtype fp32

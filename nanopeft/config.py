@@ -192,7 +192,7 @@ class TrainConfig:
     grad_checkpointing: str = "all"   # all | none | auto: recompute blocks in backward; auto: the fewest that fit --memory-budget
     memory_budget: float = 0.0        # GB for --grad-checkpointing auto; 0 = the GPU's free memory (CPU: available RAM)
     dora_dropout: str = "peft"        # peft (the study's semantics) | lora (dropout on the low-rank path only, one frozen pass)
-    dropout_sampler: str = "bits"     # bits (exact Bernoulli masks from raw random bits; the mask op is cheaper) | torch (nn.Dropout: PEFT's masks seed for seed)
+    dropout_sampler: str = "bits"     # bits (exact Bernoulli masks from raw random numbers; the mask op is cheaper) | torch (nn.Dropout: PEFT's masks seed for seed)
 
     def resolved(self) -> "TrainConfig":
         """Check every choice and turn the text of flags and config.json into the values the code uses,

@@ -88,17 +88,26 @@ def init_lora_pair(lora_A: nn.Linear, lora_B: nn.Linear) -> None:
 # ---- dropout: torch's sampler (PEFT's masks, seed for seed), and a faster exact one ----------------
 
 class BitsDropout(nn.Module):
-    """Dropout(p) whose Bernoulli mask comes from raw random bits instead of fp32 `bernoulli_`.
+    """Dropout(p) whose Bernoulli mask comes from raw random numbers instead of fp32 `bernoulli_`.
 
-    keep_i = (u_i < t),  u_i uniform on the 2³² int32 values,  t = −2³¹ + round((1 − p)·2³²)
-    so P(keep) = round((1 − p)·2³²) / 2³², within 2⁻³³ of 1 − p: exact at the sampler's resolution,
-    finer than the 2⁻²⁴ grid of an fp32 uniform. Kept entries are scaled by 1/(1 − p), as nn.Dropout
-    does, so E[dropout(x)] = x. The bits are drawn 64 at a time (`random_` over the full int64 range,
-    two int32 lanes each) from torch's global generator, so `torch.manual_seed` and gradient
-    checkpointing's RNG replay work as for nn.Dropout; the mask *stream* differs from bernoulli_'s,
-    so the masks differ seed for seed (same distribution). Drawing the mask is cheaper (4 random bytes
-    per entry and an integer compare, where bernoulli_ converts each draw to a float); applying it
-    costs what nn.Dropout's does (LoRALinear folds the 1/(1 − p) into its rank-r tensor instead). In a profiled ViT-B QLoRA step the masks took 6.5 % of the time
+    Two exact samplers of the same law (each entry dropped independently with probability p); `mask`
+    picks the cheaper one:
+
+    - bits (any p; the only one off the CPU): one int32 draw per entry,
+          keep_i = (u_i < t),  u_i uniform on the 2³² int32 values,  t = −2³¹ + round((1 − p)·2³²)
+      so P(keep) = round((1 − p)·2³²) / 2³², within 2⁻³³ of 1 − p: finer than the 2⁻²⁴ grid of an fp32
+      uniform. The bits are drawn 64 at a time (`random_` over the full int64 range, two int32 lanes).
+    - skips (CPU, p ≤ SKIPS_MAX_P): only the dropped entries are drawn. The gaps between drops are
+      i.i.d. Geometric(p), G = ⌊ln U / ln(1 − p)⌋ with U uniform on fp64's [0, 1) (inversion:
+      P(G ≥ k) = P(U ≤ (1 − p)^k) = (1 − p)^k; Devroye 1986, "Non-Uniform Random Variate Generation",
+      §X.2), so about p·n fp64 draws instead of n int32 ones: at p = 0.05 a ViT-B layer's mask is 3–4×
+      cheaper. Off the CPU it is not used: its "has it reached the end" test is a host sync.
+
+    Kept entries are scaled by 1/(1 − p), as nn.Dropout does, so E[dropout(x)] = x. Both draw from
+    torch's global generator, so `torch.manual_seed` and gradient checkpointing's RNG replay work as for
+    nn.Dropout; the mask *stream* differs from bernoulli_'s, so the masks differ seed for seed (same
+    distribution). Applying the mask costs what nn.Dropout's does (LoRALinear folds the 1/(1 − p) into
+    its rank-r tensor instead). In a profiled ViT-B QLoRA step the bits masks took 6.5 % of the time
     against bernoulli_'s 12.6 % (docs/BENCHMARKS.md "Whole step and inference"), so it is train.py's
     default (--dropout-sampler bits); make_dropout(p, "torch") keeps PEFT's masks seed for seed.
     Backward keeps the bool mask, like nn.Dropout.
@@ -111,10 +120,16 @@ class BitsDropout(nn.Module):
         self.p = p
         self.threshold = -2**31 + round((1.0 - p) * 2**32)  # int32: keep u < t
 
+    def mask(self, shape, device) -> torch.Tensor:
+        """A bool keep-mask of `shape`: P(True) = 1 − p per entry, independently."""
+        if torch.device(device).type == "cpu" and self.p <= SKIPS_MAX_P:
+            return skips_keep_mask(shape, self.p, device)
+        return keep_mask(shape, self.threshold, device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        return _MaskedScale.apply(x, keep_mask(x.shape, self.threshold, x.device), 1.0 / (1.0 - self.p))
+        return _MaskedScale.apply(x, self.mask(x.shape, x.device), 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -125,6 +140,28 @@ def keep_mask(shape, threshold: int, device) -> torch.Tensor:
     n = math.prod(shape)
     bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)  # full range
     return (bits.view(torch.int32)[:n] < threshold).view(shape)
+
+
+# above it, skips draws p·n fp64 uniforms (+ a log each) and costs more than bits' n int32 lanes
+# (docs/BENCHMARKS.md "Whole step and inference": 0.98 against 2.96 ms at p = 0.05, 4.3 against 1.9 at 0.3)
+SKIPS_MAX_P = 0.1
+
+
+def skips_keep_mask(shape, p: float, device) -> torch.Tensor:
+    """A bool mask of `shape` with P(False) = p per entry, independently, by geometric skips (see
+    BitsDropout): the positions of the drops are running sums of Geometric(p) gaps + 1."""
+    n = math.prod(shape)
+    keep = torch.ones(n + 1, dtype=torch.bool, device=device)  # slot n: the drops that land past the end
+    inv = 1.0 / math.log1p(-p)                                  # 1 / ln(1 − p) < 0
+    start = 0                                                   # the first position not yet decided
+    while start < n:
+        m = n - start
+        k = int(m * p + 6 * math.sqrt(m * p * (1 - p))) + 16    # enough gaps to pass the end but ~1e-9 of the time
+        gaps = torch.rand(k, dtype=torch.float64, device=device).log_().mul_(inv).floor_()  # G = ⌊ln U / ln(1−p)⌋
+        drops = gaps.add_(1).cumsum_(0).add_(start - 1).clamp_(max=n)  # start − 1 + Σ (G_j + 1); ln 0: +∞ → n
+        keep[drops.long()] = False                              # fp64 holds these integers exactly (n < 2⁵³)
+        start = int(drops[-1]) + 1                              # past the end (> n) unless the gaps ran out
+    return keep[:n].view(shape)
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -264,7 +301,7 @@ class LoRALinear(AdapterBase):
         draw from the generator as BitsDropout's), the same value up to fp32 rounding (tests/test_lora.py).
         """
         d = self.lora_dropout
-        h = self.lora_A(_MaskedScale.apply(xa, keep_mask(xa.shape, d.threshold, xa.device), None))  # (..., r)
+        h = self.lora_A(_MaskedScale.apply(xa, d.mask(xa.shape, xa.device), None))  # (..., r)
         return self.lora_B(h * (self.scaling / (1.0 - d.p)))   # (..., out)
 
     @torch.no_grad()

@@ -9,7 +9,8 @@ matrix multiplication"), on every call. When the other operand is short (batch 1
 rows against a 768 × 3072 weight), that copy is a large share of the call. oneDNN can do it once: W is
 reordered into the layout its kernel reads (`torch.ops.mkldnn._reorder_linear_weight`, the same op
 torch.compile's weight prepacking uses) and each call runs the kernel on it directly
-(`torch.ops.mkldnn._linear_pointwise`). Outputs match nn.Linear up to fp32 summation order; the speed-up is largest at small batches (docs/BENCHMARKS.md "Whole step and inference").
+(`torch.ops.mkldnn._linear_pointwise`). Outputs match nn.Linear up to fp32 summation order; the speed-up
+is largest at small batches (docs/BENCHMARKS.md "Whole step and inference").
 
 Inference only: the packed weight is an opaque oneDNN tensor, not a Parameter; no gradient reaches it,
 state_dict() no longer holds it, and .to() does not move it. Pack last, after merging and loading, and

@@ -75,6 +75,24 @@ def test_metrics_json_and_predictions(runs, tmp_path):
     assert sum(r["label"] == r["prediction"] for r in rows) / 18 == pytest.approx(m["accuracy"])
 
 
+def test_prepacked_eval_equals_the_plain_layers(runs, tmp_path):
+    from nanopeft.prepack import prepack_available
+
+    run_dirs, test = runs
+    got = {}
+    for mode in ("no", "auto"):
+        out = tmp_path / mode / "metrics.json"
+        got[mode] = evaluate.main(["--run", str(run_dirs["lora"]), "--data", str(test), "--out", str(out),
+                                   "--workers", "0", "--speed-reps", "0", "--prepack", mode])
+        got[mode]["rows"] = list(csv.DictReader(open(out.with_name("predictions.csv"))))
+    assert got["no"]["inference_path"].endswith("CPU weight prepacking: off (--prepack no)")
+    if prepack_available():
+        assert "Linear layers reordered once for oneDNN" in got["auto"]["inference_path"]
+    a, b = got["no"]["rows"], got["auto"]["rows"]
+    assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
+    assert max(abs(float(r["confidence"]) - float(q["confidence"])) for r, q in zip(a, b)) < 1e-5
+
+
 def test_ensemble_and_sources(runs, tmp_path):
     run_dirs, test = runs
     manifest = tmp_path / "test.csv"

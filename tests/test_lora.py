@@ -16,7 +16,7 @@ from conftest import ADAPTER_R as R
 from conftest import assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4, make_linear, peft_layer
 
 from nanopeft.inject import add_adapters, merge_adapters
-from nanopeft.lora import BitsDropout, LoRALinear, inference_dtype, keep_mask
+from nanopeft.lora import SKIPS_MAX_P, BitsDropout, LoRALinear, inference_dtype, keep_mask, skips_keep_mask
 from nanopeft.nf4_linear import NF4Linear
 
 
@@ -138,6 +138,43 @@ def test_bits_dropout_keeps_with_probability_exactly_one_minus_p(p):
     assert torch.equal(a, keep_mask((4, 5, 6), d.threshold, "cpu"))  # torch's generator: seeds replay
 
 
+@pytest.mark.parametrize("p", [0.05, SKIPS_MAX_P])
+def test_skips_sampler_drops_each_entry_independently_with_probability_p(p):
+    torch.manual_seed(0)
+    n = 3_000_001
+    keep = skips_keep_mask((n,), p, "cpu")
+    se = math.sqrt(p * (1 - p) / n)
+    assert keep.shape == (n,) and keep.dtype == torch.bool
+    assert abs((~keep).double().mean().item() - p) < 5 * se
+    both = (~keep[1:] & ~keep[:-1]).double().mean().item()  # neighbours independent: P(both dropped) = p²
+    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n)
+    # every position, the first and the last included, is dropped with probability p (the edges of the
+    # gap arithmetic: a drop at 0, one exactly at the end, gaps that run past it)
+    torch.manual_seed(1)
+    draws = 40_000
+    rate = torch.stack([~skips_keep_mask((3, 3), p, "cpu") for _ in range(draws)]).double().mean(0)
+    assert (rate - p).abs().max().item() < 5 * math.sqrt(p * (1 - p) / draws), rate
+    torch.manual_seed(7)
+    a = skips_keep_mask((4, 5, 6), p, "cpu")
+    torch.manual_seed(7)
+    assert torch.equal(a, skips_keep_mask((4, 5, 6), p, "cpu"))  # torch's generator: seeds replay
+    assert skips_keep_mask((0, 4), p, "cpu").shape == (0, 4)
+
+
+def test_bits_dropout_uses_skips_on_cpu_at_small_p():
+    for p, sampler in [(0.05, skips_keep_mask), (SKIPS_MAX_P, skips_keep_mask), (0.3, keep_mask)]:
+        d = BitsDropout(p).train()
+        torch.manual_seed(3)
+        got = d.mask((6, 50), torch.device("cpu"))
+        torch.manual_seed(3)
+        want = sampler((6, 50), p, "cpu") if sampler is skips_keep_mask else sampler((6, 50), d.threshold, "cpu")
+        assert torch.equal(got, want), p
+        torch.manual_seed(3)
+        x = torch.randn(6, 50)
+        torch.manual_seed(3)
+        assert torch.equal(d(x) != 0, got & (x != 0))
+
+
 def test_bits_dropout_gradient_is_the_mask_times_the_scale():
     d = BitsDropout(0.25).train()
     x = torch.randn(8, 33, requires_grad=True)
@@ -164,7 +201,7 @@ def test_lora_with_bits_dropout_equals_nn_dropout_with_the_same_mask(monkeypatch
     torch.manual_seed(1)
     y = fast(x)
     torch.manual_seed(1)
-    mask = keep_mask(x.shape, fast.lora_dropout.threshold, "cpu")
+    mask = fast.lora_dropout.mask(x.shape, x.device)
     monkeypatch.setattr(nn.functional, "dropout", lambda t, p, training, inplace=False: t * mask / (1 - p))
     y_ref = ref(x)
     assert calls == [1] and torch.allclose(y, y_ref, atol=1e-6, rtol=0)
