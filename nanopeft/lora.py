@@ -142,8 +142,8 @@ def keep_mask(shape, threshold: int, device) -> torch.Tensor:
     return (bits.view(torch.int32)[:n] < threshold).view(shape)
 
 
-# above it, skips draws p·n fp64 uniforms (+ a log each) and costs more than bits' n int32 lanes
-# (docs/BENCHMARKS.md "Whole step and inference": 0.98 against 2.96 ms at p = 0.05, 4.3 against 1.9 at 0.3)
+# above it, skips' p·n fp64 uniforms (a log and a scatter each) cost more than bits' n int32 lanes and
+# one compare (measured at p = 0.05 and 0.3: docs/BENCHMARKS.md "Inference with prepacked weights, ...")
 SKIPS_MAX_P = 0.1
 
 
@@ -156,7 +156,7 @@ def skips_keep_mask(shape, p: float, device) -> torch.Tensor:
     start = 0                                                   # the first position not yet decided
     while start < n:
         m = n - start
-        k = int(m * p + 6 * math.sqrt(m * p * (1 - p))) + 16    # enough gaps to pass the end but ~1e-9 of the time
+        k = int(m * p + 6 * math.sqrt(m * p * (1 - p))) + 16    # enough gaps to pass the end all but ~1e-9 of the time
         gaps = torch.rand(k, dtype=torch.float64, device=device).log_().mul_(inv).floor_()  # G = ⌊ln U / ln(1−p)⌋
         drops = gaps.add_(1).cumsum_(0).add_(start - 1).clamp_(max=n)  # start − 1 + Σ (G_j + 1); ln 0: +∞ → n
         keep[drops.long()] = False                              # fp64 holds these integers exactly (n < 2⁵³)
