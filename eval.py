@@ -218,9 +218,7 @@ def ensemble_logits(args, items, image_size: int, names: list[str], device, amp)
     logits, wall, speed = 0, 0.0, {}
     for i, run in enumerate(args.runs):
         model, saved = load_model(run, device, amp, args.weights, args.merge)
-        # the layout hint: the patch tokens of one batch (any other count is still exact)
-        packing = prepack_for_inference(model, device, amp, args.batch_size * (image_size // 16) ** 2,
-                                        args.prepack == "auto")
+        packing = prepack_for_inference(model, device, amp, args.batch_size, image_size, args.prepack == "auto")
         if i == 0:
             print(packing)
         if saved["class_names"] != names:

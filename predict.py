@@ -88,9 +88,7 @@ def main(argv=None) -> dict:
     try:
         inputs = list_inputs(args.data)
         model, names, size, priors = load(args, device, amp)
-        # the layout hint: the patch tokens of one batch (any other count is still exact)
-        packing = prepack_for_inference(model, device, amp, args.batch_size * (size // 16) ** 2,
-                                        args.prepack == "auto")
+        packing = prepack_for_inference(model, device, amp, args.batch_size, size, args.prepack == "auto")
         if rank == 0:
             print(packing)
         summary = predict_to_csv(model, inputs, args.out, names, size, top_k=args.top_k, batch_size=args.batch_size,

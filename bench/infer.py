@@ -66,8 +66,7 @@ def build_variant(a, variant: str, dtype: torch.dtype) -> torch.nn.Module:
     if how == "packed":
         from nanopeft.prepack import prepack_for_inference
         amp_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
-        tokens = (a.image_size // 16) ** 2
-        packing = prepack_for_inference(model, device, amp_dtype, a.batch * tokens)
+        packing = prepack_for_inference(model, device, amp_dtype, a.batch, a.image_size)
         if "reordered" not in packing and device.type == "cpu" and amp_dtype is None:
             raise RuntimeError(packing)  # a "packed" cell that is not packed would be a second merged cell
     return model

@@ -81,10 +81,12 @@ def prepack_linears(model: nn.Module, rows: int) -> int:
     return len(layers)
 
 
-def prepack_for_inference(model: nn.Module, device: torch.device, amp: torch.dtype | None, rows: int,
-                          enabled: bool = True) -> str:
+def prepack_for_inference(model: nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int,
+                          image_size: int, enabled: bool = True) -> str:
     """eval.py / predict.py: pack the model's Linears where it pays (CPU, fp32, no autocast) and return
-    the line they print saying what was done and why."""
+    the line they print saying what was done and why. The layout hint is a batch's patch tokens at
+    DINOv3's 16-pixel patches (any other row count is still exact)."""
+    rows = batch_size * (image_size // 16) ** 2
     if not enabled:
         return "CPU weight prepacking: off (--prepack no)"
     if device.type != "cpu" or amp is not None:

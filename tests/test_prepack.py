@@ -70,18 +70,18 @@ def test_prepack_leaves_nf4_bf16_and_unmerged_layers_alone(own_tiny_ckpt):
     assert prepack_linears(nn.Sequential(nn.Linear(4, 4).bfloat16()), 8) == 0
     cpu = torch.device("cpu")
     unmerged = classifier(own_tiny_ckpt, merged=False)
-    assert prepack_for_inference(unmerged, cpu, None, 8) == "CPU weight prepacking: not used (adapters unmerged)"
+    assert prepack_for_inference(unmerged, cpu, None, 2, 32) == "CPU weight prepacking: not used (adapters unmerged)"
     assert not any(isinstance(m, PackedLinear) for m in unmerged.modules())
 
 
 def test_prepack_for_inference_says_what_it_did(own_tiny_ckpt):
     cpu = torch.device("cpu")
     model = classifier(own_tiny_ckpt)
-    assert prepack_for_inference(model, cpu, None, 8, enabled=False) == "CPU weight prepacking: off (--prepack no)"
-    assert "not used (cpu, autocast)" in prepack_for_inference(model, cpu, torch.bfloat16, 8)
-    assert "not used (cuda)" in prepack_for_inference(model, torch.device("cuda"), None, 8)
+    assert prepack_for_inference(model, cpu, None, 2, 32, enabled=False) == "CPU weight prepacking: off (--prepack no)"
+    assert "not used (cpu, autocast)" in prepack_for_inference(model, cpu, torch.bfloat16, 2, 32)
+    assert "not used (cuda)" in prepack_for_inference(model, torch.device("cuda"), None, 2, 32)
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    line = prepack_for_inference(model, cpu, None, 8)
+    line = prepack_for_inference(model, cpu, None, 2, 32)
     if prepack_available():
         n = sum(isinstance(m, PackedLinear) for m in model.modules())
         assert line.startswith(f"CPU weight prepacking: {n} Linear layers reordered") and n > 0
