@@ -34,6 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+# the peak is the kernel's high-water mark (VmHWM): no spike escapes it, where a 0.1 s sampler can miss one
+from common import vmhwm_gb  # noqa: E402
 
 
 def write_synthetic(folder: Path, shard_bytes: int = 5 * 10**9) -> None:
@@ -95,12 +98,6 @@ class RssSampler(threading.Thread):
             time.sleep(0.1)
 
 
-def vmhwm_bytes() -> int:
-    """The kernel's high-water mark of this process's RSS (VmHWM = ru_maxrss): no spike escapes it,
-    where a 0.1 s sampler can miss one."""
-    return next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
-
-
 def child(ckpt: Path, which: str) -> dict:
     if which == "nanopeft":
         from nanopeft.device import hugepage_cpu_allocator
@@ -158,7 +155,7 @@ def child(ckpt: Path, which: str) -> dict:
     sampler.running = False
     sampler.join()
     other = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != torch.uint8)
-    return {"load_s": wall, "peak_rss": vmhwm_bytes(), "sampled_rss": sampler.peak["VmRSS"],
+    return {"load_s": wall, "peak_rss": vmhwm_gb() * 1e9, "sampled_rss": sampler.peak["VmRSS"],
             "peak_anon": sampler.peak["RssAnon"], "peak_file": sampler.peak["RssFile"],
             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "nf4_bytes": nf4, "other_bytes": other, "nf4_linears": n_nf4}
