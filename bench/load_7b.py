@@ -44,7 +44,10 @@ def write_synthetic(folder: Path, shard_bytes: int = 5 * 10**9) -> None:
     from safetensors.torch import save_file
 
     if (folder / "model.safetensors.index.json").is_file():
-        return
+        return  # already there (ours from an earlier run, or a real sharded checkpoint: measured as it is)
+    if folder.is_dir() and any(folder.iterdir()):  # another checkpoint, say: never written over
+        sys.exit(f"--ckpt {folder}: not empty and no model.safetensors.index.json in it; give a sharded "
+                 f"checkpoint or a new folder for the synthetic 7B")
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in DINOv3ViT(PRESETS["vit7b16"]).state_dict().items()}
