@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from nanopeft.budget import count_params
 from nanopeft.build import build_classifier, memory_estimate, plan_checkpointing
-from nanopeft.config import ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args
+from nanopeft.config import (ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args,
+                             joined_negative_values)
 from nanopeft.device import (autocast, choose_precision, hugepage_cpu_allocator, peak_memory_mb, resolve_device,
                              threads_beside_workers)
 from nanopeft.distributed import all_sum
@@ -98,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "new run has written its first checkpoint: a run that fails to start leaves the old one)")
     parser.add_argument("--config", metavar="JSON", help="re-run a recorded run: its config.json (or its folder, "
                         "or the JSON --dry-run prints); flags given now win, the run folder is new unless --out")
-    return parser.parse_args(argv)
+    return parser.parse_args(joined_negative_values(sys.argv[1:] if argv is None else list(argv)))
 
 
 def run_config(args) -> TrainConfig:

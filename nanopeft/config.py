@@ -356,6 +356,22 @@ def add_config_args(parser, cls=TrainConfig):
     return parser
 
 
+def joined_negative_values(argv: list[str]) -> list[str]:
+    """`--lr -1e-4` → `--lr=-1e-4`. Before Python 3.13 argparse takes a token with an exponent such as
+    -1e-4 for an option and stops with "expected one argument"; joined to its flag, the value reaches
+    check_ranges, whose message names the flag and the allowed range."""
+    out = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.fullmatch(_NEGATIVE_NUMBER, a):
+            out[-1] += "=" + a
+        else:
+            out.append(a)
+    return out
+
+
+_NEGATIVE_NUMBER = r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan"
+
+
 def config_from_args(args, cls=TrainConfig, recorded: dict | None = None) -> TrainConfig:
     """Defaults < the method's recipe (METHOD_RECIPES) < --preset < explicitly given flags.
     recorded: a recorded run's fields (train.py --config), which replace the defaults; the method's
