@@ -1,5 +1,7 @@
 """What a valid checkpoint file is, checked before anything reads it: the safetensors header, strict JSON,
-finite values. checkpoint.py (weights) and save.py (adapters) open untrusted downloads through these.
+finite values. checkpoint.py (weights) and save.py (adapters) open untrusted downloads through these;
+and every file nanopeft writes (adapters, run state, logs) is written through atomic_write, so that no
+reader, ours or anyone's, ever opens half of one.
 
     8 bytes   little-endian u64 n: the header length
     n bytes   UTF-8 JSON {key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -153,3 +156,26 @@ def check_finite(t: torch.Tensor, key: str, file) -> torch.Tensor:
         if bad:
             raise CheckpointError(f"{file}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}")
     return t
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp), fsync, rename onto path, fsync the folder: a crash or power cut at any moment leaves
+    the old file or the new one, never half of one (without the fsyncs the rename can reach the disk
+    before the data does, and a power cut leaves an empty file under the good name)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the name points at it
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one, never half
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself is on disk
+        finally:
+            os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .checkpoint_format import atomic_write
 from .config import ViTConfig
 from .model import DINOv3ViT
-from .save import atomic_write
 
 # the 7B's structure (SwiGLU, 4 registers, no q/k/v bias) at a size any CPU trains
 DEMO_CONFIG = ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,

@@ -6,7 +6,7 @@ per-epoch table and picture train.py refreshes after every epoch.
 
 Both are rebuilt from metrics.jsonl (rank 0 writes it, flushed per row), so a resumed run's files cover
 the whole run: rows logged twice (steps re-run after a crash, before the last resume.pt) count once,
-the last one kept. Written atomically (save.atomic_write): a reader never sees half a file.
+the last one kept. Written atomically (checkpoint_format.atomic_write): a reader never sees half a file.
 
 Validation scores come from sums, so that DDP adds them over ranks with one all_reduce:
     [Σ_i w_{y_i}·ℓ_i, Σ_i w_{y_i}, M[0,0], M[0,1], …, M[C-1,C-1]]   (M: the confusion matrix)
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint_format import atomic_write
 from .metrics import per_class_prf
-from .save import atomic_write
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "images_per_s",
                  "peak_memory_mb")

@@ -12,8 +12,8 @@
         resume.pt        trainable tensors, optimizer, GradScaler, loop state, RNG: --resume continues here
         summary.json     best validation accuracy, steps, time, trainable parameters, peak memory
 
-Written by rank 0 only. Every file is replaced atomically (save.atomic_write: temporary + fsync + rename),
-so a crash never leaves half a file where a good one was; metrics.jsonl, appended line by line, is cut back
+Written by rank 0 only. Every file is replaced atomically (checkpoint_format.atomic_write: temporary +
+fsync + rename), so a crash never leaves half a file where a good one was; metrics.jsonl, appended line by line, is cut back
 on --resume to its length at the checkpoint (resume.pt records it), so a torn or replayed line never
 survives. A folder that is not empty is never trained into, except by --resume or --overwrite (which trains
 into a hidden sibling and swaps it in at the first checkpoint: a run that fails to start leaves the old one
@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .checkpoint_format import atomic_write
 from .config import ADAPTER_METHODS, SCRATCH_METHODS, TrainConfig
 from .head import file_key
-from .save import atomic_write
 
 
 class RunError(ValueError):

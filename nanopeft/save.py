@@ -41,7 +41,6 @@ card follows PEFT's save_pretrained: front matter with `library_name: peft`, `ba
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -51,7 +50,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import guess_preset
-from .checkpoint_format import CheckpointError, check_finite, parse_json, read_json, read_safetensors_header
+from .checkpoint_format import (CheckpointError, atomic_write, check_finite, parse_json, read_json,
+                                read_safetensors_header)
 from .config import PRESETS
 from .dora import DoRALinear
 from .inject import adapter_layers, add_adapters
@@ -142,29 +142,6 @@ def model_card(config: dict, body: str = "", library_name: str = "peft") -> str:
         body = (f"# {'DoRA' if config.get('use_dora') else 'LoRA'} adapter\n\nRank {config.get('r')}, alpha "
                 f"{config.get('lora_alpha')}, on {base or 'a DINOv3 backbone'}; written by nanopeft.\n")
     return "\n".join(front) + "\n" + body
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp), fsync, rename onto path, fsync the folder: a crash or power cut at any moment leaves
-    the old file or the new one, never half of one (without the fsyncs the rename can reach the disk
-    before the data does, and a power cut leaves an empty file under the good name)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the name points at it
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one, never half
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself is on disk
-        finally:
-            os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, extra_state=None,

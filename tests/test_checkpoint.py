@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from nanopeft import load_dinov3
 from nanopeft.checkpoint import CheckpointError
+from nanopeft.checkpoint_format import atomic_write
 
 X = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))  # non-square: 4 × 6 patches
 
@@ -518,3 +519,27 @@ def test_readers_agree(own_tiny_ckpt, tmp_path, reliability_case):
             assert simple[k].dtype == fast[k].dtype == want[k].dtype and simple[k].shape == want[k].shape
             assert torch.equal(simple[k], fast[k]) and torch.equal(fast[k], want[k])
     assert SafetensorsSource(files).fast  # the loader's default is the fast reader
+
+
+def test_atomic_write_syncs_data_before_the_rename(tmp_path, monkeypatch, reliability_case):
+    """The new bytes are fsynced before the rename and the folder after it; a failing write leaves the old
+    file and no temporary behind."""
+    import os
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    atomic_write(target, lambda p: p.write_text("new"))
+    assert target.read_text() == "new"
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert ".metrics.json.tmp-" in events[0][1] and events[2][1] == str(tmp_path)
+
+    def fails(p):
+        p.write_text("half")
+        raise OSError("No space left on device")
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, fails)
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

@@ -278,27 +278,3 @@ def test_no_pickle_path():
     import inspect
     source = inspect.getsource(save_mod)
     assert not any(word in source for word in ("torch.load", "import pickle", "allow_pickle", "weights_only=False"))
-
-
-def test_atomic_write_syncs_data_before_the_rename(tmp_path, monkeypatch, reliability_case):
-    """The new bytes are fsynced before the rename and the folder after it; a failing write leaves the old
-    file and no temporary behind."""
-    import os
-
-    events, real_fsync, real_replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd)))
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
-    target = tmp_path / "metrics.json"
-    target.write_text("old")
-    save_mod.atomic_write(target, lambda p: p.write_text("new"))
-    assert target.read_text() == "new"
-    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
-    assert ".metrics.json.tmp-" in events[0][1] and events[2][1] == str(tmp_path)
-
-    def fails(p):
-        p.write_text("half")
-        raise OSError("No space left on device")
-    with pytest.raises(OSError, match="No space"):
-        save_mod.atomic_write(target, fails)
-    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
