@@ -23,10 +23,14 @@ Two implementations of the same numbers:
                     PEFT does). Read this one first; tests prove the fast one equal to it.
   forward_fast      the row-append trick and a cached ‖W0‖² (below, fenced): W0 is read (for NF4:
                     dequantized) once per step, exactly as for LoRA. DoRALinear.forward runs it.
+                    Under gradient checkpointing a block's last DoRA layer keeps the tensors of m's
+                    gradient, so its frozen product is not recomputed (docs/DORA.md "Gradient
+                    checkpointing").
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -74,6 +78,13 @@ def _state_key(module: nn.Module):
         return None
 
 
+def _kept_for_backward():
+    """Tensors saved for backward inside this context are held as they are, even inside a checkpointed
+    block: the innermost saved-tensor hooks win, and these keep the tensor instead of dropping it for
+    recomputation. Outside checkpointing autograd keeps them anyway, so nothing changes there."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
 def _same_state(a, b) -> bool:
     return a is not None and b is not None and len(a) == len(b) and \
         all(ra() is not None and ra() is rb() and va == vb for (ra, va), (rb, vb) in zip(a, b))
@@ -89,6 +100,8 @@ class DoRALinear(AdapterBase):
             raise ValueError(f"dora_dropout must be one of {DORA_DROPOUT_MODES}, got {dora_dropout!r}")
         self.dora_dropout = dora_dropout
         self.fast = True  # forward runs forward_fast; False runs forward_textbook (same numbers, slower)
+        # The last Linear of a transformer block (add_adapters sets it): see "checkpointing" in forward_fast
+        self.ends_block = False
         # m (out,), fp32. PEFT's file key is `<path>.lora_magnitude_vector` (no `.weight`): so is ours.
         self.lora_magnitude_vector = nn.Parameter(
             torch.empty(base.out_features, device=base_device(base), dtype=torch.float32))
@@ -174,20 +187,34 @@ class DoRALinear(AdapterBase):
         N = x.shape[0]
         dropout = dropout_active(self.lora_dropout)
         two_pass = dropout and self.dora_dropout == "peft"      # x̃ W0ᵀ needed besides x W0ᵀ
-        xd = self.lora_dropout(x.to(A.dtype))  # x̃ (fp32, like the adapters); x itself in eval or at p = 0
+        folded = self.folds_dropout() and not two_pass          # "lora" mode: x̃ feeds the low-rank path only
+        xa = x.to(A.dtype)                                      # the adapters compute in fp32
+        # The low-rank path runs before the frozen product, as in LoRALinear.forward (see checkpointing below)
+        if folded:  # s·B A x̃ with s/(1 − p) on the (N, r) tensor, the mask drawn inside (lora.py)
+            xd, su = xa, self.lowrank_folded(xa)                # (N, out), fp32
+        else:
+            xd = self.lora_dropout(xa)                          # x̃; x itself in eval or at p = 0
+            su = self.lora_B(self.lora_A(xd))                   # (N, out), fp32, s applied in the sum below
         rows = [x, xd, A.detach()] if two_pass else [x, A.detach()]
         P = frozen_matmul(self.base_layer, torch.cat([t.to(x.dtype) for t in rows]))  # [x; (x̃;) A] W0ᵀ
         # one split, not slices: each slice's backward would write its gradient into a zeroed P-sized tensor
         xW, *xdW, AW = P.split([N, N, self.rank] if two_pass else [N, self.rank])  # (N, out) ... (r, out)
-        g = m / self._norm(AW)                                  # (out,): m / sg(n), DoRA §4.3
         base = xdW[0] if two_pass else xW                       # x̃ W0ᵀ ("peft"), x W0ᵀ otherwise
-        z = torch.add(base, self.lora_B(self.lora_A(xd)), alpha=self.scaling)  # (N, out), fp32
+        z = base + su if folded else torch.add(base, su, alpha=self.scaling)  # base + s·B A x̃, (N, out)
         b = self.base_layer.bias
         b = torch.zeros((), device=z.device) if b is None else b.to(z.dtype)
-        if two_pass:  # x W0ᵀ + b − x̃ W0ᵀ + g ⊙ z̃  =  y0 + (g − 1) ⊙ x̃W0ᵀ + g ⊙ s·x̃AᵀBᵀ
-            y = torch.addcmul((xW + b) - base, g, z)
-        else:         # b + g ⊙ (x W0ᵀ + s·x̃ AᵀBᵀ)  (Eq. 5); autograd keeps z alone, for m's gradient
-            y = torch.addcmul(b, g, z)
+        # Checkpointing: m's gradient needs z and n, which come out of the frozen product; saved the usual
+        # way they would make a checkpointed block recompute its last frozen product too (the early stop
+        # ends at the last saved tensor). The block's last Linear (ends_block) keeps them instead, outside
+        # the checkpoint: (N, out) fp32 per block, as large as the block input the checkpoint keeps (twice
+        # that in bf16), for one frozen product per block not recomputed (a third of a ViT-B block's
+        # frozen FLOPs, a fifth of a SwiGLU block's). The same numbers (tests/test_lora.py counts them).
+        with _kept_for_backward() if self.ends_block else contextlib.nullcontext():
+            g = m / self._norm(AW)                              # (out,): m / sg(n), DoRA §4.3
+            if two_pass:  # x W0ᵀ + b − x̃ W0ᵀ + g ⊙ z̃  =  y0 + (g − 1) ⊙ x̃W0ᵀ + g ⊙ s·x̃AᵀBᵀ
+                y = torch.addcmul((xW + b) - base, g, z)
+            else:         # b + g ⊙ (x W0ᵀ + s·x̃ AᵀBᵀ)  (Eq. 5); autograd keeps z alone, for m's gradient
+                y = torch.addcmul(b, g, z)
         return y.to(P.dtype).view(*lead, self.out_features)    # back to the base layer's dtype
 
     # ---- merging ---------------------------------------------------------------------------------------

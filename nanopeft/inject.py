@@ -31,7 +31,7 @@ import torch.nn as nn
 from .config import ADAPTER_METHODS, DORA_DROPOUT_MODES
 from .dora import DoRALinear
 from .lora import LoRALinear, base_device, check_adapter_args, init_lora_pair, is_linear
-from .model import in_block
+from .model import BLOCK_LAST_LINEAR, in_block
 
 ADAPTERS = dict(zip(ADAPTER_METHODS, (LoRALinear, DoRALinear)))  # "lora" -> LoRALinear, "dora" -> DoRALinear
 
@@ -96,6 +96,8 @@ def add_adapters(model: nn.Module, *, method: str = "lora", rank: int, alpha: fl
         base = model.get_submodule(name)
         extra = {"dora_dropout": dora_dropout} if method == "dora" else {}
         wrapper = ADAPTERS[method](base, rank, alpha, dropout, use_rslora, dropout_sampler, **extra)
+        if method == "dora":  # m's gradient tensors kept past checkpointing there (DoRALinear.ends_block)
+            wrapper.ends_block = name == BLOCK_LAST_LINEAR or name.endswith("." + BLOCK_LAST_LINEAR)
         model.set_submodule(name, wrapper.train(base.training))  # an eval model stays in eval (dropout off)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

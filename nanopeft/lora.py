@@ -270,6 +270,23 @@ class AdapterBase(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
 
+    def lowrank_folded(self, xa: torch.Tensor) -> torch.Tensor:
+        """s·B A dropout(x) in training with BitsDropout, its two scalars moved onto the rank-r tensor:
+
+            s · B A (x ⊙ m / (1 − p))  =  B ((s / (1 − p)) · A (x ⊙ m))      (A, B linear, no bias)
+
+        The written order scales the (N, in) input by 1/(1 − p) and the (N, out) output by s, in forward
+        and again in backward; here one (N, r) tensor is scaled, r ≪ in, out. The same mask (the same
+        draw from the generator as BitsDropout's), the same value up to fp32 rounding (tests/test_lora.py).
+        LoRA takes it, and DoRA in "lora" dropout mode (its frozen path sees x, not x̃)."""
+        d = self.lora_dropout
+        h = self.lora_A(_MaskedScale.apply(xa, d.mask(xa.shape, xa.device), None))  # (..., r)
+        return self.lora_B(h * (self.scaling / (1.0 - d.p)))   # (..., out)
+
+    def folds_dropout(self) -> bool:
+        """True when forward takes lowrank_folded: BitsDropout, in training."""
+        return isinstance(self.lora_dropout, BitsDropout) and self.lora_dropout.training
+
 
 class LoRALinear(AdapterBase):
     """y = base(x) + (α/r)·B A dropout(x), wrapping (never subclassing) a frozen linear layer."""
@@ -284,25 +301,12 @@ class LoRALinear(AdapterBase):
         # early stop), so for a block's last Linear (the MLP's down projection) it now ends before
         # the frozen product: a third of a ViT block's matmuls are not recomputed. The sum is the same.
         xa = x.to(self.lora_A.weight.dtype)                     # adapters compute in fp32
-        if isinstance(self.lora_dropout, BitsDropout) and self.lora_dropout.training:
-            su = self.lowrank_folded(xa)                        # the fast path below, the same value
+        if self.folds_dropout():
+            su = self.lowrank_folded(xa)                        # AdapterBase's fast path, the same value
         else:
             su = self.scaling * self.lora_B(self.lora_A(self.lora_dropout(xa)))  # (..., out) = s·B A dropout(x)
         y = self.base_layer(x)                                  # (..., out) = x W0ᵀ + b, base dtype
         return (y + su).to(y.dtype)                             # LoRA Eq. 3, back to the base dtype
-
-    def lowrank_folded(self, xa: torch.Tensor) -> torch.Tensor:
-        """s·B A dropout(x) in training with BitsDropout, its two scalars moved onto the rank-r tensor:
-
-            s · B A (x ⊙ m / (1 − p))  =  B ((s / (1 − p)) · A (x ⊙ m))      (A, B linear, no bias)
-
-        The written order scales the (N, in) input by 1/(1 − p) and the (N, out) output by s, in forward
-        and again in backward; here one (N, r) tensor is scaled, r ≪ in, out. The same mask (the same
-        draw from the generator as BitsDropout's), the same value up to fp32 rounding (tests/test_lora.py).
-        """
-        d = self.lora_dropout
-        h = self.lora_A(_MaskedScale.apply(xa, d.mask(xa.shape, xa.device), None))  # (..., r)
-        return self.lora_B(h * (self.scaling / (1.0 - d.p)))   # (..., out)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -19,7 +19,9 @@
                          adapters   per adapted Linear: the fp32 dropout output and its bool mask
                                     (B·N·in·5 bytes, only with dropout), A x (B·N·r·4); DoRA also z
                                     (B·N·out·4) and, in "peft" mode with dropout, x̃'s rows through W0
-                     the backward of a block holds about as much again in gradients (factor 2).
+                     the backward of a block holds about as much again in gradients (factor 2). A
+                     checkpointed DoRA block also keeps its down projection's z (B·N·D·4: DoRALinear.
+                     ends_block), so that this frozen product is not recomputed.
     workspace        NF4Linear's reused dequantize buffer: the largest (out, in) in the compute dtype
     runtime          the framework itself: the CPU process's RSS after `import torch` (≈ 0.35 GB), or
                      a CUDA context (not in torch's allocator counts, so 0 for max_memory_allocated)
@@ -120,8 +122,9 @@ def estimate_training_memory(model: nn.Module, *, batch_size: int, image_size: i
             if p > 0 and getattr(w, "dora_dropout", "peft") == "peft":
                 per += B * N * (w.in_features + w.out_features) * e
         block += per / L  # spread over the blocks (adapters live inside them)
+    tail = sum(B * N * w.out_features * 4 for w in adapters if getattr(w, "ends_block", False)) / L
     k = (L if grad_checkpointing else 0) if checkpointed_blocks is None else checkpointed_blocks
-    kept = k * B * N * D * e + (L - k) * block          # checkpointed inputs + blocks kept whole
+    kept = k * (B * N * D * e + tail) + (L - k) * block  # checkpointed inputs (+ DoRA's z) + blocks kept whole
     acts = kept + 2 * block                             # + one block recomputed, and its gradients
     acts += B * 3 * image_size ** 2 * 4                 # the input batch, fp32
     return MemoryEstimate(nf4_weights=nf4 / GB, other_weights=other / GB, adapters=trainable * 4 / GB,

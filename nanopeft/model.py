@@ -24,6 +24,10 @@ from torch.utils.checkpoint import checkpoint
 from .config import POOLS, ViTConfig, resolve_config
 
 BLOCK_MODULE = re.compile(r"(.*\.)?layer\.\d+\..+")  # `[prefix.]layer.<N>.<anything>`: inside block N
+# The last Linear a block's forward runs (MLP.forward, both MLP kinds). Gradient checkpointing's early
+# stop ends a block's recomputation at the last tensor it saved, so what is saved after this product
+# decides whether it is recomputed: see FrozenScale below and DoRALinear.ends_block (nanopeft/dora.py).
+BLOCK_LAST_LINEAR = "mlp.down_proj"
 
 
 def in_block(name: str) -> bool:

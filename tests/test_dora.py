@@ -276,6 +276,20 @@ def test_lora_dropout_mode_multiplies_with_w0_once(monkeypatch):
     assert rows == [R, 10 + R, R, 10 + 10 + R]  # (init's A W0ᵀ, then the forward) per mode
 
 
+def test_lora_mode_folds_the_dropout_scale_onto_the_rank_r_tensor(monkeypatch):
+    """In "lora" mode with BitsDropout, s/(1 − p) scales A x̃ (AdapterBase.lowrank_folded, as for LoRA);
+    "peft" mode needs x̃ itself for its second frozen product, and nn.Dropout draws its own mask: neither
+    folds. test_fast_forward_equals_textbook_eq5[...-bits-lora-0.3-...] checks the folded numbers."""
+    calls, folded = [], DoRALinear.lowrank_folded
+    monkeypatch.setattr(DoRALinear, "lowrank_folded", lambda self, xa: calls.append(self.dora_dropout) or folded(self, xa))
+    x = torch.randn(10, IN)
+    for mode in ("lora", "peft"):
+        for sampler in ("bits", "torch"):
+            do = DoRALinear(make_linear(), R, ALPHA, 0.1, dropout_sampler=sampler, dora_dropout=mode)
+            do.train()(x), do.eval()(x)
+    assert calls == ["lora"]
+
+
 # ---- on a CUDA GPU (pytest -m cuda; bench/gpu.py runs these) -------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -231,10 +231,13 @@ def test_merge_adapters_into_another_dtype():
 
 
 @pytest.mark.parametrize("sampler", ["torch", "bits"])
-def test_checkpointed_qlora_skips_each_blocks_last_frozen_product_with_the_same_gradients(sampler, monkeypatch):
+@pytest.mark.parametrize("method,dora_dropout", [("lora", "peft"), ("dora", "peft"), ("dora", "lora")])
+def test_checkpointed_qlora_skips_each_blocks_last_frozen_product_with_the_same_gradients(
+        sampler, method, dora_dropout, monkeypatch):
     """Under gradient checkpointing the recomputation stops at a block's last saved tensor: the MLP's
-    down projection runs its low-rank path, then its frozen product, which backward never reads, so
-    that product is not recomputed. Gradients (dropout on, same seed) are bit-identical to no
+    down projection runs its low-rank path, then its frozen product, which backward never reads (LoRA)
+    or whose results for m's gradient the down projection keeps past the checkpoint (DoRA, ends_block),
+    so that product is not recomputed. Gradients (dropout on, same seed) are bit-identical to no
     checkpointing, and the recomputation runs every block's frozen products but the down projection's."""
     import nanopeft.nf4_linear as nf4_linear
     from nanopeft import DINOv3ViT, PRESETS
@@ -247,7 +250,10 @@ def test_checkpointed_qlora_skips_each_blocks_last_frozen_product_with_the_same_
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, NF4Linear.from_linear(child))
-    add_adapters(model, method="lora", rank=4, alpha=8, dropout=0.1, targets="all-linear", dropout_sampler=sampler)
+    add_adapters(model, method=method, rank=4, alpha=8, dropout=0.1, targets="all-linear", dropout_sampler=sampler,
+                 dora_dropout=dora_dropout)
+    assert [n for n, m in model.named_modules() if getattr(m, "ends_block", False)] == \
+        ([f"layer.{i}.mlp.down_proj" for i in range(len(model.layer))] if method == "dora" else [])
     for p in model.parameters():
         if p.requires_grad:
             nn.init.normal_(p, std=0.02)  # B ≠ 0, so every gradient is non-trivial
@@ -268,6 +274,6 @@ def test_checkpointed_qlora_skips_each_blocks_last_frozen_product_with_the_same_
     linears = sum(isinstance(m, NF4Linear) for m in model.modules())
     assert counts[False] == linears                        # one forward product per layer
     assert counts[True] == 2 * linears - len(model.layer)  # recomputed: all but each block's down_proj
-    assert grads[True].keys() == grads[False].keys() and len(grads[False]) == 2 * linears
+    assert grads[True].keys() == grads[False].keys() and len(grads[False]) == (2 if method == "lora" else 3) * linears
     for n, g in grads[False].items():
         assert torch.equal(g, grads[True][n]), n

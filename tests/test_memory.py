@@ -36,6 +36,23 @@ def test_estimate_counts_adapters_exactly_and_grows_with_batch():
     assert fewest_checkpointed_blocks(model, 0.1, batch_size=4, image_size=224) is None
 
 
+def test_checkpointed_dora_counts_the_down_projections_kept_z():
+    """Each checkpointed DoRA block keeps its down projection's z, (B, N, D) fp32 (DoRALinear.ends_block);
+    a block kept whole already counts it."""
+    cfg = PRESETS["vitb16"]
+    with torch.device("meta"):
+        model = DINOv3ViT(cfg)
+    add_adapters(model, method="dora", rank=16, alpha=32, dropout=0.05, targets="all-linear")
+    kw = dict(batch_size=4, image_size=224)
+    est = {k: estimate_training_memory(model, checkpointed_blocks=k, **kw).activations for k in (0, 5)}
+    for w in model.modules():
+        if getattr(w, "ends_block", False):
+            w.ends_block = False
+    without = {k: estimate_training_memory(model, checkpointed_blocks=k, **kw).activations for k in (0, 5)}
+    z = 4 * (1 + cfg.num_register_tokens + (224 // 16) ** 2) * cfg.hidden_size * 4
+    assert est[0] == without[0] and abs((est[5] - without[5]) * 1e9 - 5 * z) < 1
+
+
 def test_the_papers_7b_setting_fits_a_16gb_gpu_with_room_to_spare():
     """7B, batch 4, 224 px, QLoRA r64 all-linear, NF4, bf16 on one GPU, every block checkpointed: what
     `train.py --dry-run` prints. Weights and trainable state are exact; the total is pinned."""
