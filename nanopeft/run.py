@@ -13,9 +13,9 @@
         summary.json     best validation accuracy, steps, time, trainable parameters, peak memory
 
 Written by rank 0 only. Every file is replaced atomically (checkpoint_format.atomic_write: temporary +
-fsync + rename), so a crash never leaves half a file where a good one was; metrics.jsonl, appended line by line, is cut back
-on --resume to its length at the checkpoint (resume.pt records it), so a torn or replayed line never
-survives. A folder that is not empty is never trained into, except by --resume or --overwrite (which trains
+fsync + rename), so a crash never leaves half a file where a good one was; metrics.jsonl, appended line
+by line, is cut back on --resume to its length at the checkpoint (resume.pt records it), so a torn or
+replayed line never survives. A folder that is not empty is never trained into, except by --resume or --overwrite (which trains
 into a hidden sibling and swaps it in at the first checkpoint: a run that fails to start leaves the old one
 whole). One train.py at a time per folder: an flock on the hidden sibling `.NAME.lock`.
 """

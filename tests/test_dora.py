@@ -281,7 +281,8 @@ def test_lora_mode_folds_the_dropout_scale_onto_the_rank_r_tensor(monkeypatch):
     "peft" mode needs x̃ itself for its second frozen product, and nn.Dropout draws its own mask: neither
     folds. test_fast_forward_equals_textbook_eq5[...-bits-lora-0.3-...] checks the folded numbers."""
     calls, folded = [], DoRALinear.lowrank_folded
-    monkeypatch.setattr(DoRALinear, "lowrank_folded", lambda self, xa: calls.append(self.dora_dropout) or folded(self, xa))
+    monkeypatch.setattr(DoRALinear, "lowrank_folded",
+                        lambda self, xa: calls.append(self.dora_dropout) or folded(self, xa))
     x = torch.randn(10, IN)
     for mode in ("lora", "peft"):
         for sampler in ("bits", "torch"):
