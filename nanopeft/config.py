@@ -356,6 +356,9 @@ def add_config_args(parser, cls=TrainConfig):
     return parser
 
 
+_NEGATIVE_NUMBER = r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan"  # -1e-4, -.5, -3, -inf
+
+
 def joined_negative_values(argv: list[str]) -> list[str]:
     """`--lr -1e-4` → `--lr=-1e-4`. Before Python 3.13 argparse takes a token with an exponent such as
     -1e-4 for an option and stops with "expected one argument"; joined to its flag, the value reaches
@@ -367,9 +370,6 @@ def joined_negative_values(argv: list[str]) -> list[str]:
         else:
             out.append(a)
     return out
-
-
-_NEGATIVE_NUMBER = r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan"
 
 
 def config_from_args(args, cls=TrainConfig, recorded: dict | None = None) -> TrainConfig:

@@ -97,7 +97,7 @@ def add_adapters(model: nn.Module, *, method: str = "lora", rank: int, alpha: fl
         extra = {"dora_dropout": dora_dropout} if method == "dora" else {}
         wrapper = ADAPTERS[method](base, rank, alpha, dropout, use_rslora, dropout_sampler, **extra)
         if method == "dora":  # m's gradient tensors kept past checkpointing there (DoRALinear.ends_block)
-            wrapper.ends_block = name == BLOCK_LAST_LINEAR or name.endswith("." + BLOCK_LAST_LINEAR)
+            wrapper.ends_block = in_block(name) and name.endswith("." + BLOCK_LAST_LINEAR)
         model.set_submodule(name, wrapper.train(base.training))  # an eval model stays in eval (dropout off)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
