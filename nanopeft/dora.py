@@ -187,20 +187,19 @@ class DoRALinear(AdapterBase):
         N = x.shape[0]
         dropout = dropout_active(self.lora_dropout)
         two_pass = dropout and self.dora_dropout == "peft"      # x̃ W0ᵀ needed besides x W0ᵀ
-        folded = self.folds_dropout() and not two_pass          # "lora" mode: x̃ feeds the low-rank path only
         xa = x.to(A.dtype)                                      # the adapters compute in fp32
         # The low-rank path runs before the frozen product, as in LoRALinear.forward (see checkpointing below)
-        if folded:  # s·B A x̃ with s/(1 − p) on the (N, r) tensor, the mask drawn inside (lora.py)
-            xd, su = xa, self.lowrank_folded(xa)                # (N, out), fp32
-        else:
-            xd = self.lora_dropout(xa)                          # x̃; x itself in eval or at p = 0
-            su = self.lora_B(self.lora_A(xd))                   # (N, out), fp32, s applied in the sum below
+        if two_pass:  # x̃ feeds the second frozen product too, so it is formed here
+            xd = self.lora_dropout(xa)                          # x̃ (N, in)
+            u = self.lora_B(self.lora_A(xd))                    # B A x̃ (N, out), fp32; s in the sum below
+        else:         # only the low-rank path sees x̃ (drawn, and folded with BitsDropout, in lowrank)
+            su = self.lowrank(xa)                               # s·B A x̃ (N, out), fp32
         rows = [x, xd, A.detach()] if two_pass else [x, A.detach()]
         P = frozen_matmul(self.base_layer, torch.cat([t.to(x.dtype) for t in rows]))  # [x; (x̃;) A] W0ᵀ
         # one split, not slices: each slice's backward would write its gradient into a zeroed P-sized tensor
         xW, *xdW, AW = P.split([N, N, self.rank] if two_pass else [N, self.rank])  # (N, out) ... (r, out)
         base = xdW[0] if two_pass else xW                       # x̃ W0ᵀ ("peft"), x W0ᵀ otherwise
-        z = base + su if folded else torch.add(base, su, alpha=self.scaling)  # base + s·B A x̃, (N, out)
+        z = torch.add(base, u, alpha=self.scaling) if two_pass else base + su  # base + s·B A x̃, (N, out)
         b = self.base_layer.bias
         b = torch.zeros((), device=z.device) if b is None else b.to(z.dtype)
         # Checkpointing: m's gradient needs z and n, which come out of the frozen product; saved the usual

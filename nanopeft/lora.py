@@ -106,8 +106,8 @@ class BitsDropout(nn.Module):
     Kept entries are scaled by 1/(1 − p), as nn.Dropout does, so E[dropout(x)] = x. Both draw from
     torch's global generator, so `torch.manual_seed` and gradient checkpointing's RNG replay work as for
     nn.Dropout; the mask *stream* differs from bernoulli_'s, so the masks differ seed for seed (same
-    distribution). Applying the mask costs what nn.Dropout's does (LoRALinear folds the 1/(1 − p) into
-    its rank-r tensor instead). In a profiled ViT-B QLoRA step the bits masks took 6.5 % of the time
+    distribution). Applying the mask costs what nn.Dropout's does (the adapters fold the 1/(1 − p) into
+    their rank-r tensor instead: AdapterBase.lowrank_folded). In a profiled ViT-B QLoRA step the bits masks took 6.5 % of the time
     against bernoulli_'s 12.6 % (docs/BENCHMARKS.md "Whole step and inference"), so it is train.py's
     default (--dropout-sampler bits); make_dropout(p, "torch") keeps PEFT's masks seed for seed.
     Backward keeps the bool mask, like nn.Dropout.
@@ -166,7 +166,7 @@ def skips_keep_mask(shape, p: float, device) -> torch.Tensor:
 
 class _MaskedScale(torch.autograd.Function):
     """y = x · mask · scale, and ∂L/∂x = ∂L/∂y · mask · scale (nn.Dropout's formula and op order);
-    scale None: y = x · mask (a caller that applies the scale elsewhere: LoRALinear.lowrank_folded)."""
+    scale None: y = x · mask (a caller that applies the scale elsewhere: AdapterBase.lowrank_folded)."""
 
     @staticmethod
     def forward(ctx, x, mask, scale):
@@ -283,9 +283,11 @@ class AdapterBase(nn.Module):
         h = self.lora_A(_MaskedScale.apply(xa, d.mask(xa.shape, xa.device), None))  # (..., r)
         return self.lora_B(h * (self.scaling / (1.0 - d.p)))   # (..., out)
 
-    def folds_dropout(self) -> bool:
-        """True when forward takes lowrank_folded: BitsDropout, in training."""
-        return isinstance(self.lora_dropout, BitsDropout) and self.lora_dropout.training
+    def lowrank(self, xa: torch.Tensor) -> torch.Tensor:
+        """s·B A dropout(x), (..., out) fp32: folded (above) with BitsDropout in training, else as written."""
+        if isinstance(self.lora_dropout, BitsDropout) and self.lora_dropout.training:
+            return self.lowrank_folded(xa)
+        return self.scaling * self.lora_B(self.lora_A(self.lora_dropout(xa)))
 
 
 class LoRALinear(AdapterBase):
@@ -301,10 +303,7 @@ class LoRALinear(AdapterBase):
         # early stop), so for a block's last Linear (the MLP's down projection) it now ends before
         # the frozen product: a third of a ViT block's matmuls are not recomputed. The sum is the same.
         xa = x.to(self.lora_A.weight.dtype)                     # adapters compute in fp32
-        if self.folds_dropout():
-            su = self.lowrank_folded(xa)                        # AdapterBase's fast path, the same value
-        else:
-            su = self.scaling * self.lora_B(self.lora_A(self.lora_dropout(xa)))  # (..., out) = s·B A dropout(x)
+        su = self.lowrank(xa)                                   # (..., out) = s·B A dropout(x)
         y = self.base_layer(x)                                  # (..., out) = x W0ᵀ + b, base dtype
         return (y + su).to(y.dtype)                             # LoRA Eq. 3, back to the base dtype
 
