@@ -100,15 +100,15 @@ class BitsDropout(nn.Module):
     - skips (CPU, p ≤ SKIPS_MAX_P): only the dropped entries are drawn. The gaps between drops are
       i.i.d. Geometric(p), G = ⌊ln U / ln(1 − p)⌋ with U uniform on fp64's [0, 1) (inversion:
       P(G ≥ k) = P(U ≤ (1 − p)^k) = (1 − p)^k; Devroye 1986, "Non-Uniform Random Variate Generation",
-      §X.2), so about p·n fp64 draws instead of n int32 ones: at p = 0.05 a ViT-B layer's mask is 3–4×
-      cheaper. Off the CPU it is not used: its "has it reached the end" test is a host sync.
+      §X.2), so about p·n fp64 draws instead of n int32 ones: at p = 0.05, 20× fewer draws (each with
+      a log and a scatter). Off the CPU it is not used: its "has it reached the end" test is a host sync.
 
     Kept entries are scaled by 1/(1 − p), as nn.Dropout does, so E[dropout(x)] = x. Both draw from
     torch's global generator, so `torch.manual_seed` and gradient checkpointing's RNG replay work as for
     nn.Dropout; the mask *stream* differs from bernoulli_'s, so the masks differ seed for seed (same
     distribution). Applying the mask costs what nn.Dropout's does (the adapters fold the 1/(1 − p) into
-    their rank-r tensor instead: AdapterBase.lowrank_folded). In a profiled ViT-B QLoRA step the bits masks took 6.5 % of the time
-    against bernoulli_'s 12.6 % (docs/BENCHMARKS.md "Whole step and inference"), so it is train.py's
+    their rank-r tensor instead: AdapterBase.lowrank_folded). Drawing the masks costs a fraction of
+    fp32 `bernoulli_` (measured in docs/BENCHMARKS.md, "Whole step and inference"), so it is train.py's
     default (--dropout-sampler bits); make_dropout(p, "torch") keeps PEFT's masks seed for seed.
     Backward keeps the bool mask, like nn.Dropout.
     """
