@@ -63,6 +63,18 @@ from .lora import (AdapterBase, base_device, base_weight, dropout_active, frozen
 # digits to cancellation in the expanded sum (s·BA pointing against W0): recompute it densely.
 # Above it, the expanded sum's relative error is at most ~8× that of its terms.
 CANCELLATION = 0.25
+# On the CPU the cancelling rows are found exactly (a nonzero()). On an accelerator that would be a host
+# sync in every DoRA layer's forward (the host reads how many rows there are), so there the DENSE_ROWS
+# rows of lowest ratio are recomputed densely on every call instead: a fixed-size top-k, no sync. Every
+# cancelling row is among them unless more than DENSE_ROWS rows of one layer cancel; those left out are
+# then the mildest (highest ratio) of them, and keep the expanded sum's value.
+DENSE_ROWS = 32
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether the host may read a value computed on `device` without waiting: on the CPU, yes; on an
+    accelerator it waits for every queued kernel (a host sync), so the step avoids it."""
+    return device.type == "cpu"
 
 
 def _state_key(module: nn.Module):
@@ -169,10 +181,16 @@ class DoRALinear(AdapterBase):
         ba_sq = ((B @ (A @ A.T)) * B).sum(dim=1)                    # ‖(BA)_i‖²: (r, r) -> (out, r) -> (out,)
         n_sq = w0_sq + 2 * s * cross + s * s * ba_sq                # ‖W0_i + s(BA)_i‖²
         n = n_sq.clamp_min(0).sqrt()
-        bad = (n_sq < CANCELLATION * (w0_sq + s * s * ba_sq)).nonzero().squeeze(1)  # on CUDA: one host sync
-        if bad.numel():  # rare (s·BA as large as W0 and against it): those rows densely, (k, in)
-            n[bad] = torch.linalg.vector_norm(base_weight(self.base_layer)[bad] + s * (B[bad] @ A), dim=1)
-        return n
+        parts = w0_sq + s * s * ba_sq                               # 0 only where W0_i and B_i are 0
+        ratio = torch.where(parts > 0, n_sq / parts, 1.0)           # 1 when s(BA)_i ⟂ W0_i, → 0 as they cancel
+        dense = lambda i: torch.linalg.vector_norm(base_weight(self.base_layer, rows=i) + s * (B[i] @ A), dim=1)
+        if host_reads_are_free(n.device):  # exactly the cancelling rows: rare (s·BA as large as W0, against it)
+            bad = (ratio < CANCELLATION).nonzero().squeeze(1)
+            if bad.numel():
+                n[bad] = dense(bad)                                 # (k,) from k dense rows (k, in)
+            return n
+        worst = ratio.topk(min(DENSE_ROWS, n.numel()), largest=False).indices  # fixed size: no host sync
+        return n.scatter(0, worst, torch.where(ratio[worst] < CANCELLATION, dense(worst), n[worst]))
 
     def weight_norm(self) -> torch.Tensor:
         """n = ‖W0 + s·BA‖_row (out,), fp32, as forward computes it."""

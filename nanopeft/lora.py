@@ -55,16 +55,20 @@ def base_device(base: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
-def base_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W0 (out, in) as a dense tensor: the weight itself, or NF4's dequantized weight.
+def base_weight(base: nn.Module, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """W0 (out, in) as a dense tensor: the weight itself, or NF4's dequantized weight; with `rows`
+    (k,) only those rows, (k, in) (for NF4, only those rows are dequantized).
 
     NF4 is dequantized in the dtype it was quantized from, then cast: that is what bitsandbytes'
     `dequantize_4bit` returns, so DoRA's magnitude and norm read exactly the W0 PEFT's QDoRA reads.
     """
-    w = base.dequantize(base.weight_dtype) if isinstance(base, NF4Linear) else base.weight
-    if w.is_meta:
+    if base.weight.is_meta:  # NF4Linear.weight is its packed codes
         raise RuntimeError(f"the base weight of this {type(base).__name__}({base.in_features}, "
                            f"{base.out_features}) is still on the meta device: load the checkpoint first")
+    if isinstance(base, NF4Linear):
+        w = base.dequantize(base.weight_dtype, rows)
+    else:
+        w = base.weight if rows is None else base.weight[rows]
     return w.to(dtype)
 
 

@@ -153,6 +153,18 @@ class NF4Weight:
         c = F.pad(c, (0, -nb % bs2)).view(-1, bs2) * self.nested_absmax[:, None]  # (nb/256, 256)
         return c.view(-1)[:nb] + self.offset
 
+    def rows(self, idx: torch.Tensor) -> NF4Weight:
+        """Rows `idx` (k,) of a 2-D weight as their own NF4Weight, its absmax stored as fp32 c: its
+        dequantize() is dequantize()[idx] at the cost of k rows. Needs whole blocks in every row."""
+        if len(self.shape) != 2 or self.shape[1] % self.blocksize:
+            raise ValueError(f"NF4Weight.rows: needs a 2-D weight whose rows hold whole blocks of "
+                             f"{self.blocksize}, got shape {tuple(self.shape)}")
+        out_f, in_f = self.shape
+        packed = self.packed.view(out_f, in_f // 2)[idx]                 # (k, in/2): two codes per byte
+        c = self.absmax_fp32().view(out_f, in_f // self.blocksize)[idx]  # (k, in/blocksize)
+        return NF4Weight(packed.view(-1, 1), c.view(-1), self.quant_map, torch.Size((idx.numel(), in_f)),
+                         self.dtype, self.blocksize)
+
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Ŵ in `dtype` (default: the original dtype), shape `shape`; written into `out` if given

@@ -117,9 +117,15 @@ class NF4Linear(nn.Module):
         return cls.from_weight(linear.weight, linear.bias, blocksize, double_quant, compute_dtype,
                                name=f"Linear({linear.in_features}, {linear.out_features}).weight")
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Ŵ (out, in) in `dtype`, by default the compute dtype."""
-        return nf4_cuda.dequantize(self.nf4_weight(), dtype or self.compute_dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Ŵ (out, in) in `dtype`, by default the compute dtype; or only its rows `rows` (k, in), which
+        costs k rows where the blocks do not straddle rows (in a multiple of the blocksize)."""
+        w, dtype = self.nf4_weight(), dtype or self.compute_dtype
+        if rows is None:
+            return nf4_cuda.dequantize(w, dtype)
+        if self.in_features % self.blocksize:
+            return nf4_cuda.dequantize(w, dtype)[rows]
+        return nf4_cuda.dequantize(w.rows(rows), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)

@@ -107,6 +107,51 @@ def test_factored_norm_is_exact_even_under_cancellation():
     assert ((f64(do.weight_norm()) - ref2).abs() / ref2).max() < 1e-4
 
 
+def cancelling_dora(base, rows):
+    """A DoRA layer whose `rows` have s·(BA)_i = −W0_i + a little (cancellation in the expanded norm)."""
+    do = DoRALinear(base, R, ALPHA, 0.0)
+    A, B, s = do.lora_A.weight, do.lora_B.weight, do.scaling
+    with torch.no_grad():
+        B.normal_(0, 0.1)
+        W = base.weight
+        for i, r in enumerate(rows):  # each row cancels to a different depth, so the ratios order them
+            W[r] = -s * (B[r] @ A) + 10.0 ** (-2 - i) * torch.randn(IN) * W[r].norm() / IN ** 0.5
+    return do
+
+
+def test_norm_without_host_reads_equals_the_exact_one(monkeypatch):
+    """Off the CPU (forced here) the norm takes the DENSE_ROWS lowest-ratio rows densely instead of a
+    nonzero(): the same n while at most DENSE_ROWS rows cancel, with no op that makes the host read a
+    device value; beyond DENSE_ROWS the deepest cancellations are the ones fixed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import nanopeft.dora as dora_mod
+
+    torch.manual_seed(0)
+    do = cancelling_dora(make_linear(), [5, 40, 17])
+    exact = do.weight_norm()
+    monkeypatch.setattr(dora_mod, "host_reads_are_free", lambda device: False)
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        fast = do.weight_norm()
+    assert "topk" in seen and not {"nonzero", "_local_scalar_dense", "is_nonzero"} & set(seen), seen
+    assert torch.allclose(fast, exact, rtol=1e-6, atol=0)
+    f64 = lambda t: t.detach().double()
+    A, B, s, W = do.lora_A.weight, do.lora_B.weight, do.scaling, do.base_layer.weight
+    ref = torch.linalg.norm(f64(W) + s * (f64(B) @ f64(A)), dim=1)
+    assert ((f64(fast) - ref).abs() / ref).max() < 1e-4
+    monkeypatch.setattr(dora_mod, "DENSE_ROWS", 2)  # three rows cancel, two are fixed: rows 17 and 40
+    few = do.weight_norm()
+    assert torch.allclose(few[[17, 40]], exact[[17, 40]], rtol=1e-6, atol=0)
+    assert abs(f64(few[5]) - ref[5]) / ref[5] > 1e-6 and torch.equal(few[:5], exact[:5])
+
+
 def test_norm_cache_follows_assigned_base_tensors_and_pickles(tmp_path):
     base = make_linear()
     _, _, do = twin(base)
@@ -319,6 +364,31 @@ def test_cuda_adapter_on_nf4_equals_cpu(cls):
     gg = torch.autograd.grad(yg.square().sum(), [xg, gpu.lora_A.weight, gpu.lora_B.weight])
     for a, b in zip(gg, g):
         assert close(a.cpu(), b, tol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("cls,mode", [("lora", None), ("dora", "peft"), ("dora", "lora")])
+def test_cuda_adapter_training_pass_makes_no_host_sync(cls, mode):
+    """Forward and backward of an adapted NF4 layer in training (bits dropout) never wait on the GPU:
+    torch's sync debug mode turns any host sync into an error (DoRA's norm: DENSE_ROWS, not nonzero())."""
+    from nanopeft.lora import LoRALinear
+
+    torch.manual_seed(0)
+    kw = {"dora_dropout": mode} if mode else {}
+    layer = {"lora": LoRALinear, "dora": DoRALinear}[cls](NF4Linear.from_linear(make_linear()), R, ALPHA, 0.1,
+                                                           dropout_sampler="bits", **kw).to("cuda").train()
+    x = torch.randn(4, 9, IN, device="cuda", requires_grad=True)
+    layer(x).square().sum().backward()  # warm-up: kernels compiled, the ‖W0‖² cache filled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.cuda

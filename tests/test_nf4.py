@@ -142,6 +142,25 @@ def test_dequantize_into_buffer_and_dtypes():
         assert torch.equal(out, w.dequantize().to(dtype)) and torch.equal(out, formula(w).to(dtype))
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_rows_dequantize_to_the_same_rows(double_quant):
+    """NF4Weight.rows(idx).dequantize() is dequantize()[idx] bit for bit (any order, repeats), and
+    NF4Linear.dequantize(rows=...) takes it; a weight whose blocks straddle rows is refused by rows()
+    and dequantized whole by NF4Linear."""
+    t = torch.randn(300, 192) * 0.02          # 900 blocks: four of the nested blocks of 256, the last ragged
+    w = quantize_nf4(t, double_quant=double_quant)
+    idx = torch.tensor([299, 0, 7, 7, 150])
+    for dtype in DTYPES:
+        assert torch.equal(w.rows(idx).dequantize(dtype), w.dequantize(dtype)[idx])
+    assert torch.equal(w.rows(idx[:0]).dequantize(), torch.empty(0, 192))
+    layer = NF4Linear.from_weight(t, compute_dtype=torch.float32, double_quant=double_quant)
+    assert torch.equal(layer.dequantize(rows=idx), layer.dequantize()[idx])
+    odd = NF4Linear.from_weight(torch.randn(10, 96), compute_dtype=torch.float32)  # 96 = 1.5 blocks a row
+    with pytest.raises(ValueError, match="whole blocks of 64"):
+        odd.nf4_weight().rows(idx[:2])
+    assert torch.equal(odd.dequantize(rows=torch.tensor([9, 3])), odd.dequantize()[[9, 3]])
+
+
 def test_roundtrip_error_bound():
     torch.manual_seed(0)
     t = torch.randn(256, 320) * 0.02
