@@ -31,6 +31,13 @@ def threads_beside_workers(workers: int, processes: int = 1) -> int:
     return max(1, cores // processes - min(workers, cores))
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether the host may read a value computed on `device` without waiting: on the CPU, yes; on an
+    accelerator it waits for every queued kernel (a host sync), which the training step avoids (the
+    skips dropout sampler and DoRA's cancelling-row search, which need one, run only where this holds)."""
+    return torch.device(device).type == "cpu"
+
+
 def fast_cpu_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm's BF16 extension): then
     bf16 is the fast path for training and merged inference; elsewhere bf16 matmuls are emulated and

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from .config import DORA_DROPOUT_MODES
+from .device import host_reads_are_free
 from .lora import (AdapterBase, base_device, base_weight, dropout_active, frozen_matmul, merged_layer,
                    output_dtype)
 
@@ -69,12 +70,6 @@ CANCELLATION = 0.25
 # cancelling row is among them unless more than DENSE_ROWS rows of one layer cancel; those left out are
 # then the mildest (highest ratio) of them, and keep the expanded sum's value.
 DENSE_ROWS = 32
-
-
-def host_reads_are_free(device: torch.device) -> bool:
-    """Whether the host may read a value computed on `device` without waiting: on the CPU, yes; on an
-    accelerator it waits for every queued kernel (a host sync), so the step avoids it."""
-    return device.type == "cpu"
 
 
 def _state_key(module: nn.Module):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DROPOUT_SAMPLERS
-from .device import fast_cpu_bf16  # the CPU probe lives with the other hardware questions
+from .device import fast_cpu_bf16, host_reads_are_free  # hardware questions live in device.py
 from .nf4_linear import NF4Linear
 
 
@@ -126,7 +126,7 @@ class BitsDropout(nn.Module):
 
     def mask(self, shape, device) -> torch.Tensor:
         """A bool keep-mask of `shape`: P(True) = 1 − p per entry, independently."""
-        if torch.device(device).type == "cpu" and self.p <= SKIPS_MAX_P:
+        if host_reads_are_free(device) and self.p <= SKIPS_MAX_P:  # skips ends on a host read
             return skips_keep_mask(shape, self.p, device)
         return keep_mask(shape, self.threshold, device)
 
