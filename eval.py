@@ -31,7 +31,6 @@ import csv
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -39,59 +38,43 @@ import torch
 from tqdm import tqdm
 
 from nanopeft.augment import resize_normalize
+from nanopeft.cli import error_boundary
+from nanopeft.checkpoint_format import atomic_write
 from nanopeft.config import TrainConfig
-from nanopeft.data import (ImageDataset, check_images, describe_unreadable, load_image, scan_dataset, scan_test_set,
-                           shown, skip_unreadable, stratified_split)
+from nanopeft.data import (ImageDataset, check_images, describe_unreadable, load_image, scan_test_set, shown,
+                           skip_unreadable, training_pool)
 from nanopeft.metrics import compute_metrics, format_report
-from nanopeft.device import autocast, inference_precision, resolve_device, threads_beside_workers
+from nanopeft.device import autocast, inference_precision, precision_name, resolve_device, threads_beside_workers
 from nanopeft.plots import save_confusion_matrix
 from nanopeft.prepack import prepack_for_inference
 from nanopeft.predict import read_run as _read_run
-from nanopeft.predict import run_classifier, run_train_priors
+from nanopeft.predict import adapter_provenance, run_classifier, run_train_priors
 from nanopeft.prior import check_method, correct
 
 
-def fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def read_run(run: str) -> tuple[TrainConfig, dict]:
-    try:
-        return _read_run(run)
-    except FileNotFoundError as e:
-        fail(str(e))
+    return _read_run(run)
 
 
 def load_model(run: str, device, amp, weights: str | None, merge: str):
     """Rebuild the run's classifier, load what it trained, and (by default) merge the adapters."""
-    read_run(run)  # its errors first, as one line
-    try:
-        return run_classifier(run, device, amp, weights=weights, merge=merge)
-    except FileNotFoundError as e:
-        fail(str(e))
+    read_run(run)  # its errors first
+    return run_classifier(run, device, amp, weights=weights, merge=merge)
 
 
 def test_items(args, cfg: TrainConfig, saved: dict) -> tuple[list, dict[str, int]]:
     """(test samples, {label training never saw: image count}); the second is empty unless --skip-unseen."""
     if args.split == "val":  # rebuild the run's validation split exactly (same data, fraction, seed)
-        try:
-            items, _ = scan_dataset(cfg.data)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        return stratified_split(items, val_fraction=cfg.val_fraction, seed=cfg.split_seed)[1], {}
+        return training_pool(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)[1], {}
     if args.data is None:
-        fail("give --data TEST_DIR (image folder or CSV) or --split val")
-    try:
-        items, unseen = scan_test_set(args.data, saved["class_names"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+        raise ValueError("give --data TEST_DIR (image folder or CSV) or --split val")
+    items, unseen = scan_test_set(args.data, saved["class_names"])
     if unseen and not args.skip_unseen:
         counts = ", ".join(f"{label!r} ({n} image{'s' * (n != 1)})" for label, n in unseen.items())
-        fail(f"{shown(args.data)}: class(es) training never saw: {counts}; the run knows {saved['class_names']}. "
+        raise ValueError(f"{shown(args.data)}: class(es) training never saw: {counts}; the run knows {saved['class_names']}. "
              f"Remove them, or pass --skip-unseen to evaluate the known classes only")
     if not items:
-        fail(f"{shown(args.data)}: no images of the classes the run knows ({saved['class_names']})")
+        raise ValueError(f"{shown(args.data)}: no images of the classes the run knows ({saved['class_names']})")
     return items, unseen
 
 
@@ -101,13 +84,13 @@ def readable(items, skip_bad: bool) -> tuple[list, list[dict]]:
     bad = check_images(items)
     if bad and not skip_bad:
         path, reason = bad[0]
-        fail(f"unreadable image {shown(path)} ({shown(reason)}); {len(bad)} bad file(s) in all. "
+        raise ValueError(f"unreadable image {shown(path)} ({shown(reason)}); {len(bad)} bad file(s) in all. "
              f"Fix or remove them, or pass --skip-bad")
     for line in describe_unreadable(bad):
         print(shown(line))
     items = skip_unreadable(items, bad)
     if not items:
-        fail(f"no readable test images: all {len(bad)} are unreadable")
+        raise ValueError(f"no readable test images: all {len(bad)} are unreadable")
     return items, [{"path": shown(p), "reason": shown(r)} for p, r in bad]
 
 
@@ -179,8 +162,8 @@ def parse_args(argv):
     p.add_argument("--ensemble", nargs="+", metavar="RUN", help="several runs: their logits are averaged")
     p.add_argument("--data", help="test image folder or CSV manifest (path,label[,source])")
     p.add_argument("--split", choices=["test", "val"], default="test", help="val: the run's validation split")
-    p.add_argument("--out", help="metrics.json path (default: RUN/metrics.json); predictions.csv and "
-                                 "confusion_matrix.png go beside it")
+    p.add_argument("--out", help="metrics.json path, or a folder to hold it (default: RUN/metrics.json); "
+                                 "predictions.csv and confusion_matrix.png go beside it")
     p.add_argument("--weights", help="backbone path, if not where the run recorded it")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
@@ -205,7 +188,7 @@ def parse_args(argv):
         p.error(str(e))
     args.runs = args.ensemble or ([args.run] if args.run else None)
     if not args.runs:
-        fail("give --run RUN or --ensemble RUN1 RUN2 ...")
+        raise ValueError("give --run RUN or --ensemble RUN1 RUN2 ...")
     return args
 
 
@@ -222,7 +205,7 @@ def ensemble_logits(args, items, image_size: int, names: list[str], device, amp)
         if i == 0:
             print(packing)
         if saved["class_names"] != names:
-            fail(f"--ensemble: {shown(run)} was trained on classes {saved['class_names']}, {shown(args.runs[0])} "
+            raise ValueError(f"--ensemble: {shown(run)} was trained on classes {saved['class_names']}, {shown(args.runs[0])} "
                  f"on {names}")
         threads = torch.get_num_threads()
         if device.type == "cpu" and args.workers > 0:  # leave the workers their cores
@@ -247,10 +230,7 @@ def prior_corrected(args, probs: torch.Tensor, cfg0, saved0, names):
     """(corrected posteriors, info) for --prior-correction, or (None, None) for none."""
     if args.prior_correction == "none":
         return None, None
-    try:
-        fixed, info = correct(probs, args.prior_correction, run_train_priors(cfg0, saved0), names)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    fixed, info = correct(probs, args.prior_correction, run_train_priors(cfg0, saved0), names)
     return torch.from_numpy(fixed), info
 
 
@@ -270,8 +250,12 @@ def write_predictions(path: Path, items, names, probs, fixed=None) -> None:
 
 
 def out_path(args) -> Path:
+    """--out FILE.json, or a folder (existing, ending in '/', or without a suffix) that gets metrics.json."""
     if args.out:
-        return Path(args.out)
+        out = Path(args.out)
+        if out.is_dir() or args.out.endswith(("/", os.sep)) or not out.suffix:
+            return out / ("metrics_val.json" if args.split == "val" else "metrics.json")
+        return out
     return Path(args.runs[0]) / ("metrics_val.json" if args.split == "val" else "metrics.json")
 
 
@@ -296,12 +280,19 @@ def print_summary(metrics: dict, speed: dict, batch_size: int, out: Path) -> Non
           f"{shown(out.with_name('confusion_matrix.png'))}")
 
 
+@error_boundary
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
     amp, path = inference_precision(device, args.precision, args.merge)
     print(path)
     cfg0, saved0 = read_run(args.runs[0])
+    for run in args.runs:
+        read_run(run)
+    adapters = [adapter_provenance(run) for run in args.runs]
+    for a in adapters:
+        if a["note"]:
+            print(a["note"])
     names = saved0["class_names"]
     items, unseen = test_items(args, cfg0, saved0)
     # a --skip-bad run left its unreadable images out of its validation split, so does the rebuilt split
@@ -314,13 +305,15 @@ def main(argv=None) -> dict:
     metrics.update(speed)
     metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) / wall, runs=args.runs,
                    data=shown(args.data) if args.split == "test" else "val split", merged=args.merge,
-                   inference_path=f"{path}; {packing}",
+                   inference_path=f"{path}; {packing}", precision=precision_name(amp),
+                   adapter_id=adapters[0]["adapter_id"] if len(adapters) == 1 else [a["adapter_id"] for a in adapters],
+                   adapter_epoch=adapters[0]["adapter_epoch"] if len(adapters) == 1 else [a["adapter_epoch"] for a in adapters],
                    skipped=skipped, unseen_classes={shown(k): n for k, n in unseen.items()})
     if fixed is not None:
         metrics.update(corrected=score(items, fixed, names), prior_correction=info)
     out = out_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
+    atomic_write(out, lambda p: p.write_text(json.dumps(metrics, indent=2)))
     write_predictions(out.with_name("predictions.csv"), items, names, probs, fixed)
     title = f"{shown(Path(args.runs[0]).name)} on {shown(Path(args.data).name) if args.data else 'its val split'}"
     save_confusion_matrix(metrics["confusion_matrix"], names, out.with_name("confusion_matrix.png"), title=title)

@@ -12,11 +12,12 @@ refused unless --overwrite; the folder appears complete or not at all.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from nanopeft.cli import error_boundary
 from nanopeft.export import EXPORT_DTYPES, export_run
 
 
+@error_boundary
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder written by train.py")
@@ -26,12 +27,8 @@ def main(argv=None):
     p.add_argument("--weights", help="the run's backbone path, if not where the run recorded it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = p.parse_args(argv)
-    try:
-        out = export_run(args.run, args.out, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
-                         weights=args.weights)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    out = export_run(args.run, args.out, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
+                     weights=args.weights)
     print(f"wrote {out}/ (config.json, model.safetensors, head.safetensors, README.md)")
     return out
 

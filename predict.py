@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
+from nanopeft.cli import error_boundary
 from nanopeft.distributed import init_distributed
-from nanopeft.device import inference_precision, resolve_device, threads_beside_workers
+from nanopeft.device import inference_precision, precision_name, resolve_device, threads_beside_workers
 from nanopeft.prepack import prepack_for_inference
-from nanopeft.predict import list_inputs, predict_to_csv, run_classifier, run_train_priors, read_run
+from nanopeft.predict import (check_resume, count_errors, export_identity, list_inputs, predict_to_csv, read_run,
+                              remove_outputs, run_classifier, run_identity, run_train_priors, write_log)
 from nanopeft.prior import check_method
-
-
-def fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_args(argv):
@@ -41,7 +37,10 @@ def parse_args(argv):
     src.add_argument("--run", help="run folder written by train.py")
     src.add_argument("--model", help="export folder written by export.py")
     p.add_argument("--data", required=True, help="image folder (flat or nested), CSV with a `path` column, or glob")
-    p.add_argument("--out", default="predictions.csv", help="CSV to write (or to resume)")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (or to resume: the same model only; "
+                                                            "OUT.log says which model wrote it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its .log, work files and priors) "
+                                                            "instead of resuming it")
     p.add_argument("--top-k", type=int, default=3, help="labels per row, best first")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
@@ -67,13 +66,14 @@ def load(args, device, amp):
     if args.model:
         from nanopeft.export import load_classifier
 
-        model = load_classifier(args.model, device=device, dtype=amp)
+        model = load_classifier(args.model, device=device, precision=args.precision)
         return model, model.class_names, model.preprocessing["image_size"], model.train_priors
     cfg, saved = read_run(args.run)
     model, saved = run_classifier(args.run, device, amp, weights=args.weights, merge="yes")
     return model, saved["class_names"], cfg.image_size, run_train_priors(cfg, saved)
 
 
+@error_boundary
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, local = init_distributed()
@@ -81,23 +81,42 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
     amp, path = inference_precision(device, args.precision, "yes" if args.run else None)
+    precision = precision_name(amp)
     if rank == 0:
         print(path)
     if device.type == "cpu" and args.workers > 0:  # leave the DataLoader workers their cores
         torch.set_num_threads(threads_beside_workers(args.workers, world))
-    try:
-        inputs = list_inputs(args.data)
-        model, names, size, priors = load(args, device, amp)
-        packing = prepack_for_inference(model, device, amp, args.batch_size, size, args.prepack == "auto")
-        if rank == 0:
-            print(packing)
-        summary = predict_to_csv(model, inputs, args.out, names, size, top_k=args.top_k, batch_size=args.batch_size,
-                                 workers=args.workers, device=device, amp=amp, prior=args.prior_correction,
-                                 train_priors=priors)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        fail(str(e))
+    inputs = list_inputs(args.data)
+    source = args.run or args.model
+    if args.run:
+        read_run(args.run)  # a folder that is no run: its one-line error before anything else
+    identity = run_identity(args.run) if args.run else export_identity(args.model)
+    if rank == 0 and args.overwrite:
+        gone = remove_outputs(args.out)
+        if gone:
+            print(f"--overwrite: removed {', '.join(str(f) for f in gone)}")
+    if args.overwrite and world > 1:
+        torch.distributed.barrier()  # no rank reads the old CSV after rank 0 removed it
+    note = check_resume(args.out, identity, precision) if not args.overwrite else None
+    model, names, size, priors = load(args, device, amp)
+    packing = prepack_for_inference(model, device, amp, args.batch_size, size, args.prepack == "auto")
     if rank == 0:
-        print(f"wrote {args.out}: {summary['images']:,} images ({summary['skipped_done']:,} already there)")
+        print(packing)
+        if note:
+            print(note)
+        write_log(args.out, f"start identity={identity} precision={precision} model={source} data={args.data} "
+                            f"prior_correction={args.prior_correction}")
+    summary = predict_to_csv(model, inputs, args.out, names, size, top_k=args.top_k, batch_size=args.batch_size,
+                             workers=args.workers, device=device, amp=amp, prior=args.prior_correction,
+                             train_priors=priors)
+    summary["precision"] = precision
+    if rank == 0:
+        summary["errors"] = count_errors(args.out)
+        line = (f"{summary['images']:,} images ({summary['skipped_done']:,} already there), "
+                f"{summary['errors']:,} with an error (see the `error` column), precision {precision}")
+        write_log(args.out, f"done images={summary['images']} already_there={summary['skipped_done']} "
+                            f"errors={summary['errors']}")
+        print(f"wrote {args.out}: {line}")
         if summary["prior_correction"]:
             pri = ", ".join(f"{k} {v:.3f}" for k, v in summary["prior_correction"]["priors"].items())
             print(f"estimated test priors (EM): {pri}")

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nanopeft import cli
 from nanopeft.budget import count_params
 from nanopeft.build import build_classifier, memory_estimate, plan_checkpointing
 from nanopeft.config import (ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args,
@@ -69,10 +70,7 @@ def fail(msg: str) -> None:
     """A one-line error and exit 2: no traceback for a fault the message explains (the run folder's lock
     is released first, so a test calling main() again in the same process is not refused)."""
     unlock_run_folders()
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()  # a progress bar still drawing would take the message into its line
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(msg)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -87,18 +85,19 @@ def split_train_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--dry-run", action="store_true", help="print config, parameter counts and a "
-                        "memory estimate, then exit (no weights or data needed)")
-    parser.add_argument("--list-presets", action="store_true", help="the paper's 11 runs with their counts")
-    parser.add_argument("--demo", action="store_true", help="generate a tiny random DINOv3 + image data "
-                        "set and run the whole pipeline on CPU")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder where it stopped (its last "
-                        "checkpoint; runtime flags such as --workers may be given again); a finished run: nothing to do")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (only once the "
-                        "new run has written its first checkpoint: a run that fails to start leaves the old one)")
-    parser.add_argument("--config", metavar="JSON", help="re-run a recorded run: its config.json (or its folder, "
-                        "or the JSON --dry-run prints); flags given now win, the run folder is new unless --out")
+    groups = add_config_args(parser)
+    groups["model"].add_argument("--list-presets", action="store_true", help="the paper's 11 runs with their counts")
+    run = groups["run folder"]
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (only once the "
+                     "new run has written its first checkpoint: a run that fails to start leaves the old one)")
+    run.add_argument("--resume", metavar="RUN", help="continue the run in this folder where it stopped (its last "
+                     "checkpoint; runtime flags such as --workers may be given again); a finished run: nothing to do")
+    run.add_argument("--config", metavar="JSON", help="re-run a recorded run: its config.json (or its folder, "
+                     "or the JSON --dry-run prints); flags given now win, the run folder is new unless --out")
+    run.add_argument("--dry-run", action="store_true", help="print config, parameter counts and a "
+                     "memory estimate, then exit (no weights or data needed)")
+    run.add_argument("--demo", action="store_true", help="generate a tiny random DINOv3 + image data "
+                     "set and run the whole pipeline on CPU")
     return parser.parse_args(joined_negative_values(sys.argv[1:] if argv is None else list(argv)))
 
 
@@ -335,7 +334,7 @@ class Data:
     n_train: int
     n_val: int
     train_counts: list[int]                    # training images per class (before the multiplier)
-    skipped: list[str] = dataclasses.field(default_factory=list)  # --skip-bad: "skipped <path>: <reason>"
+    notes: list[str] = dataclasses.field(default_factory=list)  # for train.log: skipped and upscaled images
 
 
 def make_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
@@ -347,13 +346,13 @@ def make_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
 
 
 def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
-    from nanopeft.data import (ImageDataset, check_images, describe_unreadable, scan_dataset, shown, skip_unreadable,
-                               stratified_split)
+    from nanopeft.data import (MIN_SIDE, ImageDataset, check_images, describe_unreadable, shown, skip_unreadable,
+                               training_pool)
     from nanopeft.distributed import MicroBatchSampler
 
-    items, class_names = scan_dataset(cfg.data)
-    train_items, val_items = stratified_split(items, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
-    bad = check_images(train_items + val_items, progress=rank == 0)
+    train_items, val_items, class_names = training_pool(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    upscaled = []
+    bad = check_images(train_items + val_items, progress=rank == 0, upscaled=upscaled)
     if bad and not cfg.skip_bad:
         path, reason = bad[0]
         fail(f"unreadable image {shown(path)} ({reason}); {len(bad)} bad file(s) in all. "
@@ -374,8 +373,12 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     val_idx = list(range(rank, len(val_ds), world))  # each rank a share; accuracy is summed over ranks
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, val_idx),
                                              batch_size=cfg.eval_batch_size, **kw)
+    notes = describe_unreadable(bad)
+    if upscaled:
+        notes.append(f"upscaled {len(upscaled)} image(s) smaller than one {MIN_SIDE}×{MIN_SIDE} patch to {MIN_SIDE} px "
+                     f"on the shorter side before augmentation (first: {shown(upscaled[0])})")
     return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items),
-                train_counts, describe_unreadable(bad))
+                train_counts, notes)
 
 
 def sampler_weights(cfg: TrainConfig, train_ds) -> list[float] | None:
@@ -491,7 +494,7 @@ def open_run(cfg: TrainConfig, args, system: System, model, optimizer, scaler, d
     log = RunLog(out, system.master, metrics_bytes=state["metrics_bytes"])
     if note:
         log.say(note)
-    for line in data.skipped:
+    for line in data.notes:
         log.say(line)
     return out, state, log
 
@@ -579,14 +582,20 @@ def log_setup(log: RunLog, cfg: TrainConfig, system: System, scaler, data: Data,
 
 def finish_run(out: Path, cfg: TrainConfig, args, system: System, state: dict, counts: dict, log: RunLog,
                elapsed: float) -> dict:
-    summary = {"run": str(out), "method": cfg.method, "best_val_accuracy": state["best_val"],
-               "best_epoch": state["best_epoch"], "steps": state["step"], "train_time_s": elapsed,
+    validated = state["best_epoch"] >= 1  # a --max-steps run can stop before its first validation
+    summary = {"run": str(out), "method": cfg.method, "best_val_accuracy": state["best_val"] if validated else None,
+               "best_epoch": state["best_epoch"] if validated else None, "steps": state["step"], "train_time_s": elapsed,
                "trainable_parameters": counts["trainable"], "peak_memory_mb": peak_memory_mb(system.device),
                "select_metric": cfg.select_metric, "best_score": state.get("best_score"),
                "skipped_steps": state["skipped_steps"]}
     if system.master:
         log.say(write_summary(out, summary))
-        log.say(f"evaluate: python eval.py --run {out} --data {getattr(args, 'demo_test', None) or 'TEST_DIR'}")
+        if validated:
+            log.say(f"evaluate: python eval.py --run {out} --data {getattr(args, 'demo_test', None) or 'TEST_DIR'}")
+        else:
+            log.say(f"no validation ran: --max-steps {cfg.max_steps} stopped within the first epoch, so no adapter was "
+                    f"kept and there is nothing to evaluate; raise --max-steps (or continue with --resume {out} "
+                    f"--max-steps N)")
         log.close()
         unlock_run_folders()
     if system.world > 1:  # leave together: rank 0 may still be writing files, and a rank that tears gloo
@@ -596,6 +605,7 @@ def finish_run(out: Path, cfg: TrainConfig, args, system: System, state: dict, c
 
 
 # ---------------------------------------------------------------------------------------------- main
+@cli.error_boundary(cleanup=unlock_run_folders)  # library faults (RunError, CheckpointError, OSError...): one line
 def main(argv=None) -> dict:
     hugepage_cpu_allocator()  # first: torch reads its CPU allocator setting at the first tensor
     args = parse_args(argv)
@@ -693,7 +703,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RunError as e:  # a run folder file that cannot be written or read, wherever it happens
-        fail(str(e))
+    main()

@@ -158,6 +158,14 @@ def check_finite(t: torch.Tensor, key: str, file) -> torch.Tensor:
     return t
 
 
+def default_mode(path: Path) -> None:
+    """Give a file we wrote the mode any new file gets here (0666 & ~umask): some writers (safetensors)
+    create theirs 0600, which hides a run's weights from the group a shared folder is meant for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write(path: Path, write) -> None:
     """write(tmp), fsync, rename onto path, fsync the folder: a crash or power cut at any moment leaves
     the old file or the new one, never half of one (without the fsyncs the rename can reach the disk
@@ -166,6 +174,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        default_mode(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data is on disk before the name points at it

@@ -200,6 +200,9 @@ class TrainConfig:
         `rope_*` -> a float, None (off) or ROPE_FROM_CONFIG. Idempotent: resolving a resolved config (or
         one read back from a run's config.json, old or new) changes nothing."""
         c = dataclasses.replace(self)
+        if str(c.method).lower() in ("qlora", "qdora"):
+            raise ValueError(f"--method {c.method}: QLoRA is --method lora on the NF4 base (--quant nf4, the "
+                             f"default), and DoRA on it (QDoRA) is --method dora")
         checks = {"method": METHODS, "quant": ("nf4", "none"), "pool": POOLS,
                   "augment": ("none", "light", "medium", "heavy"), "precision": PRECISIONS}
         checks.update(REPORTING_CHOICES)
@@ -332,28 +335,60 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
+# --help's groups, in README.md's order ("Every flag"; tests/test_config.py checks the two agree).
+FLAG_GROUPS = {
+    "model": ("method", "targets", "rank", "alpha", "dropout", "use_rslora", "quant", "pool", "head_dropout",
+              "weights", "num_classes", "preset"),
+    "data": ("data", "val_fraction", "split_seed", "image_size", "multiplier", "augment", "skip_bad", "workers",
+             "sampler", "class_weights"),
+    "optimisation": ("epochs", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay",
+                     "label_smoothing", "grad_clip", "patience", "min_delta", "select_metric", "max_steps", "seed",
+                     "rope_rescale", "rope_shift", "rope_jitter"),
+    "performance": ("device", "precision", "grad_checkpointing", "memory_budget", "dora_dropout", "dropout_sampler",
+                    "eval_batch_size"),
+    "run folder": ("out", "ckpt_every"),
+}
+
+
+def flag_metavar(name: str, kind: str) -> str:
+    """What --help shows as a flag's value: its allowed values where there is a list, else its kind."""
+    choices = {"method": METHODS, "quant": ("nf4", "none"), "pool": POOLS, "augment": ("none", "light", "medium", "heavy"),
+               "precision": PRECISIONS, "grad_checkpointing": GRAD_CHECKPOINTING, "dora_dropout": DORA_DROPOUT_MODES,
+               "dropout_sampler": DROPOUT_SAMPLERS, **REPORTING_CHOICES,
+               "targets": ("q_proj", "all-linear", "A,B,..."), "device": ("auto", "cpu", "cuda", "cuda:N"),
+               **{r: (ROPE_FROM_CONFIG, "none", "FLOAT") for r in ROPE_FIELDS}}
+    if name in choices:
+        return "{" + ",".join(choices[name]) + "}"
+    return {"weights": "PATH", "data": "DIR|CSV", "out": "DIR", "preset": "PRESET"}.get(
+        name, {"int": "N", "float": "X"}.get(kind, kind.upper()))
+
+
 def add_config_args(parser, cls=TrainConfig):
-    """One `--flag` per dataclass field; help = the field's comment and default."""
+    """One `--flag` per dataclass field, in FLAG_GROUPS' groups; help = the field's comment and default.
+    Returns the groups ({name: argparse group}) for the script's own flags."""
     comments = _field_comments(cls)
+    where = {name: group for group, names in FLAG_GROUPS.items() for name in names}
+    groups = {g: parser.add_argument_group(g) for g in FLAG_GROUPS}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
+        group = groups.get(where.get(f.name), parser)
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{comments.get(f.name, '')} (default: {f.default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{comments.get(f.name, '')} (default: {f.default})")
             continue
         conv = {"int": int, "float": float, "str": str}.get(kind.split(" ")[0], str)
         if kind.startswith("float | None"):
             conv = float
         extra = dict(nargs="?", const="all") if f.name == "grad_checkpointing" else {}
-        parser.add_argument(flag, type=conv, default=None, metavar=kind.split(" ")[0].upper(), **extra,
-                            help=f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%"))
+        group.add_argument(flag, type=conv, default=None, metavar=flag_metavar(f.name, kind.split(" ")[0]), **extra,
+                           help=f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%"))
     if any(f.name == "grad_checkpointing" for f in dataclasses.fields(cls)):
         # the flag was a switch before it took all | none | auto: `--grad-checkpointing` alone still means
         # all, and `--no-grad-checkpointing` none, so older command lines keep working
-        parser.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const",
-                            const="none", help="same as --grad-checkpointing none")
-    return parser
+        groups["performance"].add_argument("--no-grad-checkpointing", dest="grad_checkpointing",
+                                           action="store_const", const="none", help="same as --grad-checkpointing none")
+    return groups
 
 
 _NEGATIVE_NUMBER = r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan"  # -1e-4, -.5, -3, -inf

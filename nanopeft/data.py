@@ -40,7 +40,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-in
 # (Pillow's draft mode, no full-size decode), anything else larger is refused. Pillow's own decompression-bomb
 # check at open (Image.MAX_IMAGE_PIXELS, left at its default) refuses still larger files before we see them.
 MAX_PIXELS = 40_000_000
-MIN_SIDE = 16  # one DINOv3 patch: a smaller image is not a photo (and breaks the augmentations' filters)
+MIN_SIDE = 16  # one DINOv3 patch: a smaller image is upscaled to it on decode (the augmentations' filters need it)
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,49 @@ def scan_dataset(path, class_names=None):
             raise ValueError(f"{shown(where)}: label {label!r} is not one of the classes {names}")
         samples.append(Sample(file, index[label], source))
     return samples, names
+
+
+SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def split_folders(path) -> dict[str, Path | None] | None:
+    """The ImageFolder split layout (timm, torchvision): root/{train,val[,test]}/<class>/<image>. Returns
+    {"train": dir, "val": dir or None, "test": dir or None} when every visible sub-folder of `path` is a
+    split name (val may be spelt valid or validation) and train/ is among them, else None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    subs = {d.name: d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    known = {n for names in SPLIT_DIRS.values() for n in names}
+    if "train" not in subs or not set(subs) <= known:
+        return None
+    vals = [subs[n] for n in SPLIT_DIRS["val"] if n in subs]
+    if len(vals) > 1:
+        raise ValueError(f"{shown(path)}: {' and '.join(shown(v.name) for v in vals)} are both validation "
+                         f"folders; keep one")
+    return {"train": subs["train"], "val": vals[0] if vals else None, "test": subs.get("test")}
+
+
+def training_pool(path, val_fraction=0.2, seed=42):
+    """--data -> (train samples, val samples, class_names). A folder (or CSV) of classes is split
+    stratified (val_fraction, seed); a split layout (split_folders) trains on train/ and validates on val/
+    (or a stratified split of train/ when it has no val/), and never reads test/. A single-label data set
+    needs at least two classes."""
+    splits = split_folders(path)
+    if splits is None:
+        items, names = scan_dataset(path)
+        train, val = stratified_split(items, val_fraction=val_fraction, seed=seed)
+    else:
+        train, names = scan_dataset(splits["train"])
+        if splits["val"] is not None:
+            val, _ = scan_dataset(splits["val"], class_names=names)
+        else:
+            train, val = stratified_split(train, val_fraction=val_fraction, seed=seed)
+    if len(names) < 2:
+        where = splits["train"] if splits else path
+        raise ValueError(f"{shown(where)}: {len(names)} class ({', '.join(map(repr, names)) or 'none'}); a "
+                         f"single-label classifier needs at least two classes")
+    return train, val, names
 
 
 def scan_test_set(path, class_names):
@@ -183,17 +226,19 @@ def load_image(path):
             if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit gray: convert("RGB") would clip at 255
                 im = Image.fromarray((np.asarray(im).clip(0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
             rgb = im.convert("RGB")
+            if min(rgb.size) < MIN_SIDE:  # a thumbnail is still an image: up to one patch, aspect kept
+                k = MIN_SIDE / min(rgb.size)
+                rgb = rgb.resize((max(MIN_SIDE, round(rgb.width * k)), max(MIN_SIDE, round(rgb.height * k))),
+                                 Image.Resampling.BICUBIC)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         raise OSError(f"cannot read image {shown(path)}: {type(e).__name__}: {e}") from e
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
 def _fit_in_memory(im):
-    """Refuse an image smaller than a patch; decode a JPEG over MAX_PIXELS at a reduced scale (draft mode:
-    1/2, 1/4 or 1/8, by the decoder, never full size), refuse anything else over it. Before any decoding."""
+    """Decode a JPEG over MAX_PIXELS at a reduced scale (draft mode: 1/2, 1/4 or 1/8, by the decoder, never
+    full size), refuse anything else over it. Before any decoding."""
     w, h = im.size
-    if min(w, h) < MIN_SIDE:
-        raise ValueError(f"{w}×{h} pixels is smaller than one {MIN_SIDE}×{MIN_SIDE} patch")
     if w * h > MAX_PIXELS and im.format == "JPEG":
         scale = next((s for s in (2, 4, 8) if w * h <= MAX_PIXELS * s * s), 8)
         im.draft("RGB", (-(-w // scale), -(-h // scale)))
@@ -213,16 +258,24 @@ def describe_unreadable(bad) -> list[str]:
     return [f"skipped {shown(p)}: {reason}" for p, reason in bad]
 
 
-def check_images(samples, workers=None, progress=True):
+def check_images(samples, workers=None, progress=True, upscaled: list | None = None):
     """Fully decode every image (Samples or paths) -> [(path, reason)] for the unreadable ones, in input order.
 
     Uses the training decoder itself, so what passes here loads in training. Threads suffice: Pillow releases the
-    GIL while decoding. A progress bar appears for more than 1,000 images.
+    GIL while decoding. A progress bar appears for more than 1,000 images. `upscaled`, a list, receives the
+    paths of the images smaller than one patch (load_image upscales them; train.log counts them).
     """
     paths = [s.path if isinstance(s, Sample) else str(s) for s in samples]
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
+    small = set()
 
     def reason(p):
+        try:
+            with Image.open(p) as im:  # the size before decoding: was it upscaled?
+                if min(im.size) < MIN_SIDE:
+                    small.add(p)
+        except Exception:  # noqa: BLE001 - load_image below reports it
+            pass
         try:
             load_image(p)
             return None
@@ -233,6 +286,8 @@ def check_images(samples, workers=None, progress=True):
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(tqdm(pool.map(reason, paths), total=len(paths), desc="checking images", unit="img",
                             disable=not progress or len(paths) <= 1000))
+    if upscaled is not None:
+        upscaled += [p for p, r in zip(paths, reasons) if p in small and r is None]
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 

@@ -2,8 +2,10 @@
 
     --device auto ─► cuda if there is one, else cpu
     --precision auto ─► bf16 autocast on GPUs with bf16, fp16 (+ GradScaler, train.py) on older ones;
-                        on CPU bf16 where it multiplies bf16 natively (AVX512-BF16 or AMX), else fp32
-                        (emulated bf16 matmuls are slower than fp32); the NF4 compute dtype follows
+                        training on CPU: bf16 where it multiplies bf16 natively (AVX512-BF16 or AMX), else
+                        fp32 (emulated bf16 matmuls are slower than fp32); the NF4 compute dtype follows;
+                        inference on CPU: fp32 everywhere (one image, one answer on every machine)
+    $NANOPEFT_CPU_BF16=0|1 ─► overrides the CPU probe (the tests force each branch with it)
 """
 
 from __future__ import annotations
@@ -38,10 +40,15 @@ def host_reads_are_free(device: torch.device) -> bool:
     return torch.device(device).type == "cpu"
 
 
-def fast_cpu_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm's BF16 extension): then
-    bf16 is the fast path for training and merged inference; elsewhere bf16 matmuls are emulated and
-    slower than fp32. Read from /proc/cpuinfo (x86 "flags", Arm "Features"); False where it is absent."""
+# The one override of the CPU probe, read at every call (so a module that imported fast_cpu_bf16 by name
+# still sees it, and so do subprocesses): "1" treats this CPU as multiplying bf16 natively, "0" as not.
+# The test suite sets "0" (tests/conftest.py) and forces "1" where it checks the other branch.
+CPU_BF16_ENV = "NANOPEFT_CPU_BF16"
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """The probe: whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm's BF16 extension).
+    Read from /proc/cpuinfo (x86 "flags", Arm "Features"); False where it is absent."""
     try:
         with open(cpuinfo) as f:
             line = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
@@ -49,6 +56,17 @@ def fast_cpu_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
         return False
     flags = set(line.partition(":")[2].split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def fast_cpu_bf16() -> bool:
+    """Whether bf16 is the fast path for training on this CPU: the probe, unless $NANOPEFT_CPU_BF16 says.
+    Elsewhere bf16 matmuls are emulated and slower than fp32."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"${CPU_BF16_ENV}={forced!r}: set it to 1 (native bf16), 0 (none), or leave it unset")
+    return cpu_has_native_bf16()
 
 
 def choose_precision(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, str]:
@@ -68,11 +86,6 @@ def choose_precision(device: torch.device, precision: str = "auto") -> tuple[tor
     return torch.float16, f"fp16 autocast + GradScaler (auto: {torch.cuda.get_device_name(device)} has no bf16)"
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """choose_precision without the reason: None means plain fp32."""
-    return choose_precision(device, precision)[0]
-
-
 MERGE_PATHS = {  # eval.py / predict.py --merge: what each computes (docs/DORA.md ("Merging"))
     "yes": "adapters merged into dense Linears in the compute dtype (the fast path; exact up to rounding "
            "W0 + ΔW into that dtype)",
@@ -83,10 +96,24 @@ MERGE_PATHS = {  # eval.py / predict.py --merge: what each computes (docs/DORA.m
 
 def inference_precision(device: torch.device, precision: str = "auto",
                         merge: str | None = "yes") -> tuple[torch.dtype | None, str]:
-    """(autocast dtype, the line eval.py / predict.py print): the precision choose_precision picks
-    and the inference path `merge` takes (None: a model exported as it is, nothing to merge)."""
-    dtype, why = choose_precision(device, precision)
+    """(autocast dtype, the line eval.py / predict.py print) for inference; `merge` names the path taken
+    (None: a model exported as it is, nothing to merge).
+
+    auto on a CPU is fp32 on every CPU, unlike training: bf16 is faster where the CPU multiplies it natively,
+    but it moves probabilities by up to a few hundredths and flips near-tied labels, so the same image would
+    get another answer on another machine (docs/BENCHMARKS.md, "Inference precision on CPU"). `--precision
+    bf16` still asks for it. On a GPU, auto is training's choice (bf16, or fp16 without bf16)."""
+    if precision == "auto" and device.type == "cpu":
+        dtype, why = None, ("fp32 (auto: CPU inference is fp32 on every CPU, so an image gets the same answer "
+                            "on any machine; --precision bf16 is faster where the CPU has AVX512-BF16 / AMX)")
+    else:
+        dtype, why = choose_precision(device, precision)
     return dtype, f"inference: {why}" + (f"; {MERGE_PATHS[merge]}" if merge else "")
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What metrics.json, predict.py's log and the export's card record: fp32 | bf16 | fp16."""
+    return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import parse_dtype
+from .checkpoint_format import default_mode, read_json, read_safetensors_header
 from .save import base_model_id  # the hub id of a released backbone, else its path
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
@@ -105,6 +106,8 @@ def _prepare_dir(out: Path, overwrite: bool) -> Path:
 
 def _commit_dir(tmp: Path, out: Path) -> None:
     """Swap the finished folder in: a reader sees the old export or the new one, never a half one."""
+    for f in tmp.iterdir():
+        default_mode(f)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
@@ -117,6 +120,7 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    read_safetensors_header(path)  # a damaged file fails here, naming itself, before safetensors sees it
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
@@ -152,6 +156,7 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
     """Write the export folder of a train.py run (see the module docstring); returns its path."""
     from .config import SCRATCH_METHODS
     from .predict import read_run, run_classifier, run_train_priors
+    from .save import adapter_identity
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {EXPORT_DTYPES}")
@@ -171,7 +176,9 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
                  "preprocessing": preprocessing(cfg.image_size, "n/a" if scratch else cfg.pool),
                  "head": {"num_classes": len(saved["class_names"]), "dropout": cfg.head_dropout},
                  "train_priors": run_train_priors(cfg, saved).tolist(), "run": str(run),
-                 "base_model": None if scratch else base_model_id(cfg.weights), "quantize": quantize}
+                 "base_model": None if scratch else base_model_id(cfg.weights), "quantize": quantize,
+                 "dtype": dtype, "adapter_id": adapter_identity(run / "adapter")[0],
+                 "adapter_epoch": adapter_identity(run / "adapter")[1]}
         if scratch:
             model.to(tdtype)
             save_file(_tensors(model.backbone), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -192,19 +199,27 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
 
 
 # ----------------------------------------------------------------------------- loading one back
-def load_classifier(directory, device="cpu", dtype=None) -> nn.Module:
+def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto") -> nn.Module:
     """The ready classifier of an export folder alone (no run folder, no original backbone), in eval
-    mode. `dtype`: the backbone's (default: the file's; NF4 exports: the compute dtype). The module
-    carries .class_names, .preprocessing (image_size, mean, std, pooling) and .train_priors."""
+    mode, computing as eval.py and predict.py do by default: `precision` is theirs (auto: fp32 on every CPU,
+    bf16 autocast on a GPU with bf16; or fp32 | bf16 | fp16), and the model applies it itself. `dtype`: the
+    backbone weights' dtype (default: the autocast dtype, else fp32; NF4 exports: the compute dtype). The
+    module carries .class_names, .preprocessing (image_size, mean, std, pooling), .train_priors and
+    .precision."""
+    from .device import inference_precision, precision_name
     from .head import Classifier, make_head
     from .load import load_dinov3
     from .scratch import build_scratch
 
+    device = torch.device(device)
+    amp, _ = inference_precision(device, precision, None)
+    # eval.py's arithmetic: a DINOv3 backbone in the autocast dtype (fp32 without), a scratch trunk in fp32
+    weights_dtype = parse_dtype(dtype) if dtype is not None else (amp or torch.float32)
     directory = Path(directory)
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (expected a folder written by export.py)")
-    conf = json.loads(cfg_file.read_text())
+    conf = read_json(cfg_file)
     block = conf.get("nanopeft")
     if not isinstance(block, dict) or "head" not in block:
         raise ValueError(f"{cfg_file}: no `nanopeft` section: not a folder written by export.py")
@@ -216,14 +231,15 @@ def load_classifier(directory, device="cpu", dtype=None) -> nn.Module:
         trunk, _ = _read(directory / "model.safetensors")
         model.backbone.load_state_dict(trunk, strict=True)
         model.head.load_state_dict(head_sd, strict=True)
-        model = model.to(device=device, dtype=parse_dtype(dtype) or next(iter(trunk.values())).dtype)
+        model = model.to(device=device, dtype=parse_dtype(dtype) or torch.float32)
     else:
-        backbone = load_dinov3(directory, dtype=dtype, device=device)
+        backbone = load_dinov3(directory, dtype=weights_dtype, device=device)
         head = make_head(h["in_dim"], len(names), dropout=h["dropout"])
         head.load_state_dict(head_sd, strict=True)
         model = Classifier(backbone, head.to(device), pool=pre["pooling"])
     model.class_names, model.preprocessing = names, pre
     model.train_priors = block.get("train_priors") or [1 / len(names)] * len(names)
+    model.autocast_dtype, model.precision = amp, precision_name(amp)
     return model.eval()
 
 
@@ -267,6 +283,23 @@ def _usage(block: dict, name: str) -> list[str]:
     return py + tf
 
 
+def test_results(run: Path, adapter_id: str | None) -> list[str]:
+    """The card's test line: the run's metrics.json, only when eval.py scored this very adapter (its
+    `adapter_id`), with the precision it computed in."""
+    test = run / "metrics.json"
+    try:
+        m = json.loads(test.read_text()) if test.is_file() else None
+    except (OSError, ValueError):
+        m = None
+    if not isinstance(m, dict) or "accuracy" not in m:
+        return ["- test: not evaluated (`python eval.py --run RUN --data TEST_DIR`, then export again)"]
+    if m.get("adapter_id") != adapter_id:
+        return [f"- test: {test} scored another adapter than the one exported (evaluate it again, then export)"]
+    return [f"- test ({m.get('data', 'test set')}, {m.get('num_samples', '?')} images, {m.get('precision', 'fp32')}): "
+            f"accuracy {m['accuracy']:.4f}, macro F1 {m.get('macro_f1', float('nan')):.4f}"
+            + (f", balanced accuracy {m['balanced_accuracy']:.4f}" if "balanced_accuracy" in m else "")]
+
+
 def model_card(run: Path, cfg, saved: dict, conf: dict, name: str) -> str:
     """README.md of an export: what it classifies, how it was trained, how well, and how to load it."""
     block, names = conf["nanopeft"], saved["class_names"]
@@ -284,13 +317,11 @@ def model_card(run: Path, cfg, saved: dict, conf: dict, name: str) -> str:
     lines += ["## Classes", "", "| id | label |", "|---|---|", *[f"| {i} | {n} |" for i, n in enumerate(names)], ""]
     lines += ["## Results", ""]
     lines.append(f"- validation accuracy (best epoch): {val:.4f}" if val is not None else "- validation accuracy: not recorded")
-    test = run / "metrics.json"
-    if test.is_file():
-        m = json.loads(test.read_text())
-        lines.append(f"- test ({m.get('data', 'test set')}, {m.get('num_samples', '?')} images): accuracy "
-                     f"{m['accuracy']:.4f}, macro F1 {m.get('macro_f1', float('nan')):.4f}"
-                     + (f", balanced accuracy {m['balanced_accuracy']:.4f}" if "balanced_accuracy" in m else ""))
-    lines += ["", "## Preprocessing", "",
+    lines += test_results(run, block.get("adapter_id"))
+    lines += ["", "## Inference precision", "", "`nanopeft.load_classifier` and `predict.py --model` compute as `eval.py` "
+              "does by default: fp32 on every CPU, bf16 autocast on a GPU with bf16 (`precision=` / `--precision` "
+              "choose another), so an image gets the same label from each.", "",
+              "## Preprocessing", "",
               f"RGB, resized to {pre['image_size']} × {pre['image_size']} px ({pre['resize']}), pixels / 255, then (x - mean) / std with mean "
               f"{pre['mean']} and std {pre['std']}. Pooling: `{pre['pooling']}`.", "", "## How to load", ""]
     lines += _usage(block, name)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import POOLS
+from .device import autocast
 
 # The head's state-dict prefix in every file a run writes: `classifier.*` in resume.pt and
 # `base_model.model.classifier.*` in adapter_model.safetensors (PEFT's modules_to_save naming). The
@@ -89,11 +90,13 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head = head
         self.pool = pool
+        self.autocast_dtype = None  # load_classifier sets the inference precision here (None: the caller's)
         keep_head_file_keys(self)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone.features(pixel_values, self.pool)   # (B, D) or (B, 2D), compute dtype
-        # The head's weights are fp32 (docs/RECIPE.md ("The recipe")); cast the feature up to match them.
-        # Under autocast its matmuls still run in the autocast dtype, as they did in the notebooks
-        # (pooler_output.float()).
-        return self.head(feats.float())                           # (B, C)
+        with autocast(pixel_values.device, self.autocast_dtype):   # a no-op unless set (load_classifier)
+            feats = self.backbone.features(pixel_values, self.pool)   # (B, D) or (B, 2D), compute dtype
+            # The head's weights are fp32 (docs/RECIPE.md ("The recipe")); cast the feature up to match them.
+            # Under autocast its matmuls still run in the autocast dtype, as they did in the notebooks
+            # (pooler_output.float()).
+            return self.head(feats.float())                           # (B, C)

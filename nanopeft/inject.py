@@ -127,9 +127,9 @@ def merge_adapters(model: nn.Module, requantize: bool = False, dtype=None) -> in
     nn.Linear base: an nn.Linear in the base dtype. NF4 base: an nn.Linear in the compute dtype
     (merged output == unmerged output), or NF4Linear again with requantize=True (4× smaller, but the
     merged weight is re-rounded to NF4, so outputs move by about one quantization step).
-    dtype: the merged layers' dtype (default the base's; lora.inference_dtype(device) picks bf16 where
-    the hardware multiplies it natively); run the model under autocast in that dtype, or cast the rest
-    of it too, since a bf16 Linear refuses fp32 input. Returns the number of layers merged.
+    dtype: the merged layers' dtype (default the base's; the sum W0 + ΔW is formed in fp32 and rounded
+    once into it); run the model under autocast in that dtype, or cast the rest of it too, since a bf16
+    Linear refuses fp32 input. Returns the number of layers merged.
     """
     layers = adapter_layers(model)
     for name, w in layers:

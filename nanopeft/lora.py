@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DROPOUT_SAMPLERS
-from .device import fast_cpu_bf16, host_reads_are_free  # hardware questions live in device.py
+from .device import host_reads_are_free  # hardware questions live in device.py
 from .nf4_linear import NF4Linear
 
 
@@ -241,13 +241,6 @@ def merged_layer(base: nn.Module, weight: torch.Tensor, requantize: bool = False
         if bias is not None:
             out.bias.copy_(bias)
     return out.requires_grad_(False)
-
-
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """The compute dtype for merged inference: bf16 on GPUs and CPUs that have it, else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if fast_cpu_bf16() else torch.float32
 
 
 # ---- the adapters --------------------------------------------------------------------------------------

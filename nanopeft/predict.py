@@ -23,6 +23,7 @@ import csv
 import glob
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from .augment import resize_normalize
 from .data import IMAGE_EXTENSIONS, load_image
+from .checkpoint_format import CheckpointError, read_json
 from .csvout import Sink, csv_line, line_at, locate_rows, merge_rows, parse_line, work_files
 from .prior import correct
 
@@ -47,8 +49,13 @@ def read_run(run) -> tuple:
         raise FileNotFoundError(f"--run {run}: no config.json there (expected a folder written by train.py)")
     if not (Path(run) / "adapter" / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"--run {run}: no adapter/adapter_model.safetensors (did the run finish an epoch?)")
-    saved = json.loads(cfg_file.read_text())
-    return TrainConfig(**saved["train"]), saved
+    saved = read_json(cfg_file)
+    if not isinstance(saved.get("train"), dict) or not isinstance(saved.get("class_names"), list):
+        raise CheckpointError(f"{cfg_file}: no `train` settings or `class_names`: not a config.json train.py wrote")
+    try:
+        return TrainConfig(**saved["train"]), saved
+    except TypeError as e:  # a field this version does not know
+        raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
 def run_classifier(run, device, dtype=None, weights=None, merge: str = "yes"):
@@ -84,13 +91,109 @@ def run_train_priors(cfg, saved: dict) -> np.ndarray:
         c = np.array([float(counts[n]) for n in names])
         return c / c.sum() if c.sum() > 0 else uniform
     try:
-        from .data import scan_dataset
+        from .data import scan_dataset, split_folders
 
-        items, _ = scan_dataset(cfg.data, class_names=names)
+        splits = split_folders(cfg.data)
+        items, _ = scan_dataset(splits["train"] if splits else cfg.data, class_names=names)
         c = np.bincount([s.label for s in items], minlength=len(names)).astype(float)
         return c / c.sum()
     except (OSError, ValueError):
         return uniform
+
+
+def run_identity(run) -> str:
+    """Which model a run folder predicts with: its adapter's content id (save.adapter_identity)."""
+    from .save import adapter_identity
+
+    return adapter_identity(Path(run) / "adapter")[0]
+
+
+def adapter_provenance(run) -> dict:
+    """Which adapter of a run eval.py / predict.py score: {adapter_id, adapter_epoch, epochs_done, finished,
+    note}. The note says which epoch's adapter it is when that is not simply the finished run's last one."""
+    from .save import adapter_identity
+
+    run = Path(run)
+    ident, epoch = adapter_identity(run / "adapter")
+    done = 0
+    try:
+        for line in (run / "metrics.jsonl").read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line of a run killed mid-write
+            if isinstance(row, dict) and "val_accuracy" in row and isinstance(row.get("epoch"), int):
+                done = max(done, row["epoch"])
+    except OSError:
+        pass
+    finished = (run / "summary.json").is_file()
+    which = f"epoch {epoch}'s adapter" if epoch is not None else "an adapter of unrecorded epoch"
+    note = None
+    if not finished:
+        note = f"{run} is still training (no summary.json): scoring {which}, the best of {done} epoch(s) so far"
+    elif epoch is not None and epoch < done:
+        note = f"scoring {which}, the best one kept; the run trained {done} epochs"
+    return {"adapter_id": ident, "adapter_epoch": epoch, "epochs_done": done, "finished": finished, "note": note}
+
+
+def export_identity(directory) -> str:
+    """Which model an export folder predicts with: the adapter it was made from, its dtype and format."""
+    block = read_json(Path(directory) / "config.json").get("nanopeft") or {}
+    base = block.get("adapter_id") or "unrecorded"
+    return f"{base}/{block.get('dtype', 'float32')}" + ("/nf4" if block.get("quantize") else "")
+
+
+# ----------------------------------------------------------------------------- the log beside the CSV
+def log_path(out) -> Path:
+    """OUT.log: one line per predict.py invocation (which model, which precision, what it did)."""
+    return Path(f"{out}.log")
+
+
+def _log_fields(line: str) -> dict[str, str]:
+    return dict(f.split("=", 1) for f in line.split() if "=" in f)
+
+
+def check_resume(out, identity: str, precision: str) -> str | None:
+    """Refuse to resume OUT when its log says another model (or precision) wrote it: the rows would mix
+    two models' answers. Returns a note for a CSV without a log (written before logs existed), else None."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    log = log_path(out)
+    starts = [_log_fields(ln) for ln in (log.read_text(errors="replace").splitlines() if log.is_file() else [])
+              if " start " in f" {ln} "]
+    if not starts:
+        return f"{out}: no {log.name} says which model wrote it; resuming it as this model's"
+    last = starts[-1]
+    for key, now in (("identity", identity), ("precision", precision)):
+        if last.get(key) != now:
+            raise ValueError(f"{out} was written by another model ({key} {last.get(key)} in {log.name}, this "
+                             f"one is {now}): pass --overwrite to replace it, or choose another --out")
+    return None
+
+
+def write_log(out, words: str) -> None:
+    """Append one timestamped line to OUT.log."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with open(log_path(out), "a", encoding="utf-8") as f:
+        f.write(f"{stamp} {words}\n")
+
+
+def remove_outputs(out) -> list[Path]:
+    """--overwrite: OUT and everything predict.py keeps beside it (work files, posteriors, priors, log)."""
+    out = Path(out)
+    files = [out, log_path(out), out.with_name(f"{out.name}.posteriors.csv"), out.with_name(out.stem + ".priors.json"),
+             *work_files(out, "part"), *work_files(out, "posteriors")]
+    gone = [f for f in dict.fromkeys(files) if f.is_file()]
+    for f in gone:
+        f.unlink()
+    return gone
+
+
+def count_errors(out) -> int:
+    """Rows of OUT whose `error` cell is set (images that did not decode), this run's and earlier ones'."""
+    with open(out, newline="", encoding="utf-8") as f:
+        return sum(1 for row in csv.DictReader(f) if row.get("error"))
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -286,12 +286,30 @@ def save_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path, class_
     from .save import base_model_id, save_adapter
 
     card = adapter_card(cfg, class_names or [], scores or {})
+    epoch = (scores or {}).get("epoch")
     if cfg.method in SCRATCH_METHODS:
         save_adapter(model, directory, extra_state=model.state_dict(), overwrite=True, card=card,
-                     library_name="pytorch")
+                     library_name="pytorch", epoch=epoch)
     else:
         save_adapter(model.backbone, directory, head=model.head, base_model_name_or_path=base_model_id(cfg.weights),
-                     overwrite=True, card=card)
+                     overwrite=True, card=card, epoch=epoch)
+
+
+def peft_snippet(weights, adapter, num_classes: int, dropout: float = 0.5, pool: str = "cls") -> list[str]:
+    """The lines that load a run's adapter and head with transformers + PEFT alone (README.md shows the
+    same; tests/test_save.py runs it): the head module is attached as `classifier` before PEFT loads."""
+    width = "2 * base.config.hidden_size" if pool == "cls+mean" else "base.config.hidden_size"
+    feats = {"cls": "h[:, 0]", "mean": "h[:, 1 + base.config.num_register_tokens:].mean(1)",
+             "cls+mean": "torch.cat([h[:, 0], h[:, 1 + base.config.num_register_tokens:].mean(1)], -1)"}[pool]
+    return ["```python", "import torch, transformers, peft",
+            f'base = transformers.DINOv3ViTModel.from_pretrained("{weights}")',
+            f"D, C = {width}, {num_classes}                  # pooling {pool}; C classes",
+            "base.classifier = torch.nn.Sequential(          # the head's layout, so PEFT loads it too",
+            f"    torch.nn.Linear(D, 1024), torch.nn.ReLU(), torch.nn.Dropout({dropout:g}),",
+            f"    torch.nn.Linear(1024, 512), torch.nn.ReLU(), torch.nn.Dropout({dropout / 2:g}), torch.nn.Linear(512, C))",
+            f'model = peft.PeftModel.from_pretrained(base, "{adapter}").eval()',
+            "h = model(pixel_values=pixel_values).last_hidden_state   # (B, 1 + registers + patches, D)",
+            f"logits = model.base_model.model.classifier({feats})   # (B, C)", "```"]
 
 
 def adapter_card(cfg: TrainConfig, class_names: list[str], scores: dict) -> str:
@@ -312,10 +330,9 @@ def adapter_card(cfg: TrainConfig, class_names: list[str], scores: dict) -> str:
               f"python predict.py --run {run} --data IMAGES --out predictions.csv",
               f"python export.py --run {run} --out model/", "```", ""]
     if not scratch:
-        lines += ["The backbone adapter also loads in PEFT (the head under `classifier.*` is ignored there):", "",
-                  "```python", "import transformers, peft",
-                  f'base = transformers.DINOv3ViTModel.from_pretrained("{cfg.weights}")',
-                  f'model = peft.PeftModel.from_pretrained(base, "{run / "adapter"}")', "```", ""]
+        lines += ["The adapter and the head also load in PEFT: give the backbone a `classifier` of the head's "
+                  "layout first (nanopeft/head.py), which PEFT then fills (`modules_to_save`):", "",
+                  *peft_snippet(cfg.weights, run / "adapter", len(class_names), cfg.head_dropout, cfg.pool), ""]
     return "\n".join(lines)
 
 

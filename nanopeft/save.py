@@ -40,6 +40,7 @@ card follows PEFT's save_pretrained: front matter with `library_name: peft`, `ba
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -60,6 +61,8 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 HEAD = "classifier"
 EXTRA_META = "nanopeft_extra_state"  # safetensors metadata: JSON list of the extra tensors' names
+ID_META = "nanopeft_adapter_id"       # safetensors metadata: the content hash of the tensors (adapter_identity)
+EPOCH_META = "nanopeft_epoch"         # safetensors metadata: the training epoch the tensors are from, if given
 # config fields that identify an adapter: a directory holding a different one is not silently overwritten
 IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "modules_to_save")
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
@@ -144,9 +147,35 @@ def model_card(config: dict, body: str = "", library_name: str = "peft") -> str:
     return "\n".join(front) + "\n" + body
 
 
+def tensors_id(tensors: dict[str, torch.Tensor]) -> str:
+    """A content hash of named tensors (names, dtypes, shapes and bytes; 128-bit BLAKE2b, hex): equal files
+    get equal ids. Computed once when a file is written and stored in its metadata, so nothing re-hashes a
+    multi-GB file to tell which adapter it is."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def adapter_identity(directory) -> tuple[str, int | None]:
+    """(id, epoch) of the adapter file in `directory`, from its metadata alone (header read, no tensor).
+    A file written before ids existed gets one from its header, size and modification time."""
+    w_path = Path(directory) / WEIGHTS_NAME
+    header = read_safetensors_header(w_path)
+    epoch = header.metadata.get(EPOCH_META)
+    epoch = int(epoch) if epoch is not None and epoch.isdigit() else None
+    if header.metadata.get(ID_META):
+        return header.metadata[ID_META], epoch
+    st = w_path.stat()
+    legacy = json.dumps([sorted(header.tensors.items()), st.st_size, st.st_mtime_ns], default=str)
+    return "legacy-" + hashlib.blake2b(legacy.encode(), digest_size=8).hexdigest(), epoch
+
+
 def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, extra_state=None,
                  base_model_name_or_path: str | None = None, overwrite: bool = False, card: str | None = None,
-                 library_name: str = "peft") -> Path:
+                 library_name: str = "peft", epoch: int | None = None) -> Path:
     """Write the model's adapters (+ an optional head and extra tensors) in PEFT's format; returns the dir.
 
     model: the backbone holding the adapters (DINOv3ViT after add_adapters), not a backbone+head wrapper.
@@ -154,6 +183,8 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     extra_state: {name: tensor}, stored as `base_model.model.<name>` (e.g. a scratch baseline's weights).
     card: write README.md, this text below PEFT's front matter (model_card; "" = a short default body);
     library_name: the front matter's (scratch networks are no PEFT adapter: "pytorch").
+    epoch: the training epoch the weights are from, kept in the file's metadata (adapter_identity).
+    The file's metadata also holds its content hash (tensors_id), the adapter's identity.
     """
     directory = Path(directory)
     config = adapter_config(model, head=head is not None, base_model_name_or_path=base_model_name_or_path)
@@ -193,7 +224,8 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     elif not overwrite and (directory / WEIGHTS_NAME).exists():
         raise FileExistsError(f"{directory / WEIGHTS_NAME} exists without an {CONFIG_NAME}; "
                               f"pass overwrite=True or another directory")
-    metadata = {"format": "pt", EXTRA_META: json.dumps(sorted(extra))}
+    metadata = {"format": "pt", EXTRA_META: json.dumps(sorted(extra)), ID_META: tensors_id(tensors),
+                **({EPOCH_META: str(int(epoch))} if epoch is not None else {})}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     atomic_write(old, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     readme = directory / CARD_NAME

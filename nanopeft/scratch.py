@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .config import SCRATCH_METHODS
 from .head import keep_head_file_keys
+from .device import autocast
 
 # ---------------------------------------------------------------------------------------------
 # ResNet-18 (He et al. 2016, "Deep Residual Learning", Table 1 "18-layer"), torchvision's layout
@@ -220,10 +221,12 @@ class ScratchModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.autocast_dtype = None  # load_classifier sets the inference precision here (None: the caller's)
         keep_head_file_keys(self)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(pixel_values))                  # (B, F) -> (B, C)
+        with autocast(pixel_values.device, self.autocast_dtype):         # a no-op unless set
+            return self.head(self.backbone(pixel_values))              # (B, F) -> (B, C)
 
 
 def resnet_head(in_dim: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:

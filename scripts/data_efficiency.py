@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluate  # noqa: E402  (the repo's eval.py)
 import train  # noqa: E402
-from nanopeft.data import scan_dataset  # noqa: E402
+from nanopeft.cli import error_boundary  # noqa: E402
+from nanopeft.data import scan_dataset, split_folders  # noqa: E402
 from nanopeft.plots import save_shots_plot  # noqa: E402
 
 
@@ -92,6 +93,7 @@ def table(rows: list[dict], preset: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+@error_boundary
 def main(argv=None) -> list[dict]:
     argv, extra = train.split_train_flags(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +105,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default="runs/data-efficiency", help="folder for the runs, results.md and the plot")
     args = p.parse_args(argv)
     try:
-        items, names = scan_dataset(args.data)
+        splits = split_folders(args.data)  # a train/ val/ test/ layout: the shots come from train/
+        items, names = scan_dataset(splits["train"] if splits else args.data)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     orders = class_orders(items, len(names), args.seed)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluate  # noqa: E402  (the repo's eval.py)
 import train  # noqa: E402
+from nanopeft.cli import error_boundary  # noqa: E402
 from nanopeft.config import ADAPTER_METHODS, PAPER_RUNS  # noqa: E402
 
 # the study's published test accuracies (Yang et al. 2026, arXiv:2603.17782; docs/RECIPE.md
@@ -40,6 +41,7 @@ def row_markdown(name: str, run: Path) -> str:
             f"{s['peak_memory_mb'] / 1024:.1f} |")
 
 
+@error_boundary
 def main(argv=None):
     argv, extra = train.split_train_flags(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,9 +1,14 @@
 """Shared fixtures: tiny DINOv3 checkpoints written by transformers itself (nothing comes from a hub)."""
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# The suite never depends on the CPU it runs on: the native-bf16 probe reads as "no" here (subprocesses
+# inherit it), and the tests of the other branch force "1" themselves (monkeypatch.setenv).
+os.environ["NANOPEFT_CPU_BF16"] = "0"
 
 
 def make_hf_model(gated: bool = True, registers: int = 4, seed: int = 0, **overrides):

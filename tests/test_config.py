@@ -83,3 +83,31 @@ def test_range_edges_inside():
     c = TrainConfig(dropout=0.0, head_dropout=0.0, warmup_ratio=1.0, min_lr_ratio=0.0, ckpt_every=0, max_steps=0,
                     workers=0, label_smoothing=0.0, grad_clip=0.0).resolved()
     assert (c.dropout, c.ckpt_every, c.warmup_ratio) == (0.0, 0, 1.0)
+
+
+def test_help_groups_every_flag_as_the_readme_table_and_shows_allowed_values():
+    import dataclasses
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nanopeft.config import FLAG_GROUPS, TrainConfig
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    grouped = [n for names in FLAG_GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(fields) and len(grouped) == len(set(grouped))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for group, names in FLAG_GROUPS.items():
+        row = next(ln for ln in readme.splitlines() if ln.startswith(f"| {group} |"))
+        shown = set(re.findall(r"--([a-z0-9-]+)", row))
+        assert {n.replace("_", "-") for n in names} <= shown, (group, row)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=root, capture_output=True, text=True).stdout
+    assert "--method {lora,dora,frozen,resnet18,vit-small}" in out and " STR" not in out
+    assert all(f"\n{g}:\n" in out for g in FLAG_GROUPS)
+
+
+def test_method_qlora_says_what_it_is_called():
+    with pytest.raises(ValueError, match=r"QLoRA is --method lora on the NF4 base .*\(QDoRA\) is --method dora"):
+        TrainConfig(method="qlora").resolved()

@@ -263,9 +263,6 @@ def make_bad_image(case, d):
     if case == "img-text":
         (d / "notes.png").write_text("not an image\n")
         return d / "notes.png", "UnidentifiedImageError"
-    if case == "img-smaller-than-patch":
-        Image.new("RGB", (8, 8)).save(d / "s.png")
-        return d / "s.png", "smaller than one 16×16 patch"
     if case == "img-bomb-header":
         write_png(d / "bomb.png", 100_000, 100_000)
         return d / "bomb.png", "DecompressionBomb"
@@ -281,6 +278,9 @@ def make_bad_image(case, d):
 
 def make_good_image(case, d):
     p = d / "x.png"
+    if case == "img-smaller-than-patch":  # upscaled to one patch on the shorter side, aspect kept
+        Image.new("RGB", (8, 4), (200, 100, 50)).save(p)
+        return p, lambda x: x.shape == (3, 16, 32) and (x[:, 8, 16].int() - torch.tensor([200, 100, 50])).abs().max() <= 2
     if case == "img-grayscale":
         Image.new("L", (20, 16), 100).save(p)
         return p, lambda x: x.unique().tolist() == [100]
@@ -333,7 +333,9 @@ def test_bad_image(tmp_path, monkeypatch, reliability_case):
     else:
         x = load_image(path)
         assert x.dtype == torch.uint8 and x.shape[0] == 3 and check(x), x[:, :2, :2]
-        assert check_images([path], workers=1) == []
+        upscaled = []
+        assert check_images([path], workers=1, upscaled=upscaled) == []
+        assert upscaled == ([str(path)] if case == "img-smaller-than-patch" else [])
 
 
 # ----------------------------------------------------------------------------- folder layouts
@@ -409,3 +411,54 @@ def unreadable_or_csv(case, root, tmp_path):
         csv_path.write_bytes(f"path,label\n{p},café\n".encode("latin-1" if case == "ds-csv-not-utf8" else "utf-16"))
         with pytest.raises(ValueError, match=f"{csv_path}: not UTF-8 text \\(byte \\d+\\)"):
             scan_dataset(csv_path)
+
+
+# ----------------------------------------------------------------------------- split layouts
+def test_split_layout_trains_on_train_validates_on_val_and_never_reads_test(tmp_path):
+    from nanopeft.data import split_folders, training_pool
+
+    root = tmp_path / "data"
+    for split, n in (("train", 3), ("val", 2), ("test", 4)):
+        for c in ("cat", "dog"):
+            for i in range(n):
+                good(root / split / c / f"{i}.png")
+    (root / "test" / "bird").mkdir()  # test/ is never read: a class only there (or a broken file) changes nothing
+    (root / "test" / "cat" / "broken.png").write_text("not an image")
+    train, val, names = training_pool(root, val_fraction=0.5, seed=0)
+    assert names == ["cat", "dog"] and len(train) == 6 and len(val) == 4
+    assert all("/train/" in s.path for s in train) and all("/val/" in s.path for s in val)
+    assert split_folders(root)["test"] == root / "test"
+    # train/ and test/ only: validation is a stratified split of train/
+    (root / "val").rename(tmp_path / "elsewhere")
+    train, val, names = training_pool(root, val_fraction=0.5, seed=0)
+    assert len(train) + len(val) == 6 and all("/train/" in s.path for s in train + val) and len(val) == 4
+    # a class folder that happens to be called "train" beside real classes is no split layout
+    good(root / "cat" / "0.png")
+    assert split_folders(root) is None
+
+
+def test_split_layout_refuses_a_val_class_training_never_saw_and_two_val_folders(tmp_path):
+    from nanopeft.data import training_pool
+
+    root = tmp_path / "data"
+    for c in ("cat", "dog"):
+        good(root / "train" / c / "0.png")
+    good(root / "val" / "cow" / "0.png")
+    with pytest.raises(ValueError, match="'cow' is not one of the classes"):
+        training_pool(root)
+    good(root / "valid" / "cat" / "0.png")
+    with pytest.raises(ValueError, match="both validation folders"):
+        training_pool(root)
+
+
+@pytest.mark.parametrize("layout", ["folder", "split"])
+def test_fewer_than_two_classes_is_refused_in_one_line(tmp_path, layout):
+    from nanopeft.data import training_pool
+
+    root = tmp_path / "data"
+    base = root / "train" if layout == "split" else root
+    for i in range(4):
+        good(base / "only" / f"{i}.png")
+    with pytest.raises(ValueError) as e:
+        training_pool(root)
+    assert "at least two classes" in str(e.value) and "'only'" in str(e.value) and "\n" not in str(e.value)

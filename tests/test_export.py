@@ -142,6 +142,45 @@ def test_scratch_baseline_exports_in_its_own_format(tiny_run, tmp_path):
         export_run(run, tmp_path / "q", quantize="nf4")
 
 
+@pytest.mark.parametrize("native_bf16", ["0", "1"], ids=["cpu-without-bf16", "cpu-with-bf16"])
+def test_one_image_one_answer(dense, tmp_path, monkeypatch, native_bf16):
+    """Default flags: eval.py, predict.py --run, predict.py --model EXPORT and load_classifier(EXPORT) compute
+    the same fp32 arithmetic on CPUs with and without native bf16, at any batch size."""
+    import csv
+
+    import eval as evaluate
+    import predict
+    from nanopeft.data import make_demo_dataset
+    from nanopeft.predict import ImageFiles, list_inputs
+
+    monkeypatch.setenv("NANOPEFT_CPU_BF16", native_bf16)
+    run, out = dense
+    data = make_demo_dataset(tmp_path / "imgs", num_classes=3, per_class=3, size=(40, 32), seed=5)
+    m = evaluate.main(["--run", str(run), "--data", str(data), "--out", str(tmp_path / "e" / "metrics.json"),
+                       "--workers", "0", "--speed-reps", "0", "--batch-size", "4"])
+    assert m["precision"] == "fp32"
+    ev = {r["path"]: (r["prediction"], float(r["confidence"]))
+          for r in csv.DictReader(open(tmp_path / "e" / "predictions.csv"))}
+    rows = {}
+    for name, src, bs in [("run", ["--run", str(run)], "32"), ("export", ["--model", str(out)], "32"),
+                          ("export-b1", ["--model", str(out)], "1")]:
+        predict.main([*src, "--data", str(data), "--out", str(tmp_path / f"{name}.csv"), "--workers", "0",
+                      "--batch-size", bs])
+        rows[name] = {r["path"]: (r["label"], float(r["prob"])) for r in csv.DictReader(open(tmp_path / f"{name}.csv"))}
+        assert "precision=fp32" in (tmp_path / f"{name}.csv.log").read_text()
+    model = load_classifier(out)
+    inputs = list_inputs(data)
+    x = torch.stack([ImageFiles(inputs.files, [i], 32)[0][0] for i in range(len(inputs.files))])
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    rows["load_classifier"] = {p: (model.class_names[int(q.argmax())], float(q.max())) for p, q in zip(inputs.paths, probs)}
+    assert len(ev) == 9
+    for name, got in rows.items():
+        assert set(got) == set(ev), name
+        for path, (label, prob) in got.items():
+            assert label == ev[path][0] and abs(prob - ev[path][1]) < 1e-4, (name, path, ev[path], (label, prob))
+
+
 def test_predict_with_the_export_equals_predict_with_the_run(dense, tmp_path):
     import csv
 
@@ -156,3 +195,68 @@ def test_predict_with_the_export_equals_predict_with_the_run(dense, tmp_path):
     a, b = (list(csv.DictReader(open(tmp_path / n))) for n in ("a.csv", "b.csv"))
     assert [r["label"] for r in a] == [r["label"] for r in b] and len(a) == 6
     assert all(abs(float(x["prob"]) - float(y["prob"])) < 1e-5 for x, y in zip(a, b))
+
+
+def test_scripts_report_damaged_files_in_one_line(dense, tmp_path, capsys, reliability_case):
+    """The scripts' one error boundary (nanopeft/cli.py): a damaged run or export is one line and exit 2."""
+    import shutil
+
+    import eval as evaluate
+    import predict
+    from nanopeft.data import make_demo_dataset
+
+    case = reliability_case["id"]
+    run0, out0 = dense
+    run, model = tmp_path / "run", tmp_path / "export"
+    shutil.copytree(run0, run)
+    shutil.copytree(out0, model)
+    data = make_demo_dataset(tmp_path / "imgs", num_classes=3, per_class=1, size=(40, 32), seed=1)
+
+    def cut(f):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    if case == "scripts-adapter-truncated":
+        cut(run / "adapter" / "adapter_model.safetensors")
+        named = "adapter_model.safetensors"
+    elif case == "scripts-adapter-config-not-json":
+        (run / "adapter" / "adapter_config.json").write_text("{not json")
+        named = "adapter_config.json"
+    elif case == "scripts-run-config-not-json":
+        (run / "config.json").write_text("{not json")
+        named = "config.json"
+    elif case == "scripts-backbone-missing":
+        conf = json.loads((run / "config.json").read_text())
+        conf["train"]["weights"] = str(tmp_path / "gone")
+        (run / "config.json").write_text(json.dumps(conf))
+        named = "--weights"
+    elif case == "scripts-export-head-truncated":
+        cut(model / "head.safetensors")
+        named = "head.safetensors"
+    else:
+        (model / "config.json").write_text("{not json")
+        named = "config.json"
+    calls = ([(predict.main, ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "p.csv"),
+                              "--workers", "0"])] if case.startswith("scripts-export") else
+             [(evaluate.main, ["--run", str(run), "--data", str(data), "--workers", "0", "--speed-reps", "0",
+                               "--out", str(tmp_path / "m.json")]),
+              (predict.main, ["--run", str(run), "--data", str(data), "--out", str(tmp_path / "p.csv"), "--workers", "0"]),
+              (export.main, ["--run", str(run), "--out", str(tmp_path / "x")])])
+    for main, argv in calls:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0], (main, err)
+        assert "Traceback" not in err[0]
+
+
+def test_written_files_get_the_default_mode(dense):
+    """0666 & ~umask, as any new file: safetensors alone creates its files 0600."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    run, out = dense
+    for f in [run / "adapter" / "adapter_model.safetensors", run / "config.json", out / "model.safetensors",
+              out / "head.safetensors"]:
+        assert (f.stat().st_mode & 0o777) == 0o666 & ~umask, f

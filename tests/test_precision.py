@@ -9,7 +9,7 @@ import nanopeft.device as device_mod
 import nanopeft.model as model_mod
 from nanopeft.build import build_classifier, memory_estimate, plan_checkpointing
 from nanopeft.config import PRESETS, TrainConfig
-from nanopeft.device import choose_precision, fast_cpu_bf16
+from nanopeft.device import choose_precision, cpu_has_native_bf16, fast_cpu_bf16, inference_precision
 from nanopeft.model import DINOv3ViT
 
 CPU = torch.device("cpu")
@@ -20,22 +20,44 @@ CPU = torch.device("cpu")
 def test_fast_cpu_bf16_reads_the_cpu_flags(tmp_path, flags, fast):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n")
-    assert fast_cpu_bf16(str(info)) is fast
+    assert cpu_has_native_bf16(str(info)) is fast
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")  # Graviton3 / Neoverse V1
-    assert fast_cpu_bf16(str(arm)) is True
-    assert fast_cpu_bf16(str(tmp_path / "missing")) is False  # no /proc (macOS): fp32
+    assert cpu_has_native_bf16(str(arm)) is True
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False  # no /proc (macOS): fp32
+
+
+def test_the_probe_override_is_read_at_call_time(monkeypatch):
+    """$NANOPEFT_CPU_BF16 forces either branch, also where the function was imported by name (as here)."""
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda *a: True)  # what the probe would say
+    monkeypatch.delenv("NANOPEFT_CPU_BF16")
+    assert fast_cpu_bf16() is True
+    for value, want in (("0", False), ("1", True), ("0", False)):
+        monkeypatch.setenv("NANOPEFT_CPU_BF16", value)
+        assert fast_cpu_bf16() is want and device_mod.fast_cpu_bf16() is want
+    monkeypatch.setenv("NANOPEFT_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="NANOPEFT_CPU_BF16"):
+        fast_cpu_bf16()
 
 
 def test_precision_auto_on_cpu_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(device_mod, "fast_cpu_bf16", lambda *a: True)
+    monkeypatch.setenv("NANOPEFT_CPU_BF16", "1")
     dtype, why = choose_precision(CPU, "auto")
     assert dtype == torch.bfloat16 and "AVX512-BF16" in why
-    monkeypatch.setattr(device_mod, "fast_cpu_bf16", lambda *a: False)
+    monkeypatch.setenv("NANOPEFT_CPU_BF16", "0")
     dtype, why = choose_precision(CPU, "auto")
     assert dtype is None and "fp32" in why and "emulated" in why
     assert choose_precision(CPU, "bf16")[0] == torch.bfloat16 and choose_precision(CPU, "fp32")[0] is None
     assert choose_precision(CPU, "fp16") == (torch.float16, "fp16 (--precision fp16)")
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_inference_auto_is_fp32_on_every_cpu_and_bf16_by_flag(monkeypatch, native):
+    monkeypatch.setenv("NANOPEFT_CPU_BF16", native)
+    dtype, line = inference_precision(CPU, "auto")
+    assert dtype is None and "fp32" in line and "same answer" in line
+    assert inference_precision(CPU, "bf16")[0] == torch.bfloat16
+    assert choose_precision(CPU, "auto")[0] == (torch.bfloat16 if native == "1" else None)  # training follows the CPU
 
 
 def test_precision_auto_on_gpus(monkeypatch):

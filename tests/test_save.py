@@ -32,10 +32,14 @@ def trained(ckpt, method, targets, nf4=False, rslora=False, seed=0):
     return model.eval()
 
 
-def peft_from_pretrained(ckpt, adapter_dir, nf4=False):
+def peft_from_pretrained(ckpt, adapter_dir, nf4=False, head=None):
+    """PeftModel.from_pretrained as README.md shows it: a saved head needs a `classifier` module of its
+    layout on the backbone first (PEFT >= 0.22 warns about the head's keys otherwise)."""
     peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")  # skip this test only
     kw = dict(quantization_config=bnb_config(), device_map="cpu") if nf4 else {}
     hf = transformers.DINOv3ViTModel.from_pretrained(ckpt, **kw)
+    if head is not None:
+        hf.classifier = head
     for m in hf.modules():  # docs/NF4.md ("bitsandbytes CPU traps")
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
@@ -66,10 +70,13 @@ def test_ours_load_in_peft(tiny_ckpt, tmp_path, method, targets, head):
         assert sd["base_model.model.model.layer.0.attention.q_proj.lora_magnitude_vector"].shape == (64,)
     if head:
         assert torch.equal(sd["base_model.model.classifier.weight"], clf.weight)
-    pm = peft_from_pretrained(ckpt, tmp_path)
+    pm = peft_from_pretrained(ckpt, tmp_path, head=nn.Linear(64, 3) if head else None)
     with torch.no_grad():
         ref, out = pm(pixel_values=PIXELS).last_hidden_state, ours(PIXELS)
     assert (out - ref).abs().max() <= 1e-5
+    if head:  # PEFT filled the attached head with the saved one
+        loaded = pm.base_model.model.classifier.modules_to_save["default"]
+        assert torch.equal(loaded.weight, clf.weight) and torch.equal(loaded.bias, clf.bias)
 
 
 @pytest.mark.parametrize("layout", ["transformers5", "transformers4"])

@@ -1,6 +1,7 @@
 """train.py end to end on CPU: a tiny DINOv3 written by transformers and a generated image folder."""
 
 import json
+import warnings
 import math
 import os
 import subprocess
@@ -155,12 +156,14 @@ def test_dry_run_prints_the_papers_counts(capsys):
     assert "resnet18-scratch" in listing and "dora-all-linear-r64" in listing
 
 
-def test_saved_adapter_loads_in_peft(tmp_path, data, tiny_ckpt):
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+def test_saved_adapter_loads_in_peft_as_the_card_shows(tmp_path, data, tiny_ckpt):
+    """adapter/README.md's PEFT snippet (nanopeft.run.peft_snippet, also in README.md), run as written:
+    PEFT loads the adapter and the head without a warning and gives our classifier's logits."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
     folder, _ = tiny_ckpt(gated=True)
     out, _ = run_train(tmp_path, "peft", "--method", "dora", "--targets", "all-linear", "--weights", folder,
-                       "--data", data, "--epochs", "1", "--quant", "none")
+                       "--data", data, "--epochs", "1", "--quant", "none", "--pool", "cls+mean")
     from nanopeft.build import build_classifier
     from nanopeft.run import load_run_weights
 
@@ -168,13 +171,23 @@ def test_saved_adapter_loads_in_peft(tmp_path, data, tiny_ckpt):
     cfg = TrainConfig(**saved["train"])  # as read from the file: build_classifier resolves it
     ours = build_classifier(cfg, saved["num_classes"], torch.device("cpu"), adapters=False)
     load_run_weights(ours, cfg, out / "adapter")
-    base = transformers.DINOv3ViTModel.from_pretrained(folder)
-    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    card = (out / "adapter" / "README.md").read_text()
+    code = card.split("```python\n")[-1].split("```")[0]
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = theirs(pixel_values=x).pooler_output
-        got = ours.eval().backbone.features(x)
-    assert (got - ref).abs().max() < 1e-5
+    scope = {"pixel_values": x}
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        exec(code, scope)  # noqa: S102 - our own card's snippet
+        got = ours.eval()(x)
+    assert not [str(w.message) for w in caught if "key" in str(w.message).lower()]
+    assert (scope["logits"] - got).abs().max() < 1e-5
+
+
+def test_readme_shows_the_tested_peft_snippet():
+    from nanopeft.run import peft_snippet
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "\n".join(peft_snippet("weights/dinov3-vit7b16", "runs/<run>/adapter", 9)) in readme
 
 
 @pytest.mark.slow
@@ -269,3 +282,12 @@ def test_numerical_fault(tmp_path, data, weights, capsys, monkeypatch, reliabili
         assert json.loads((out / "summary.json").read_text())["skipped_steps"] == len(skipped)
     else:
         raise AssertionError(case)
+
+
+def test_max_steps_before_any_validation_says_so_and_suggests_no_eval(tmp_path, data, weights, capsys):
+    out, summary = run_train(tmp_path, "short", "--method", "lora", "--targets", "q_proj", "--weights", weights,
+                             "--data", data, "--epochs", "1", "--max-steps", "1", "--batch-size", "2")
+    printed = capsys.readouterr().out
+    assert summary["best_val_accuracy"] is None and summary["best_epoch"] is None
+    assert "-1.0000" not in printed and "eval.py --run" not in printed and "no validation ran" in printed
+    assert json.loads((out / "summary.json").read_text())["best_val_accuracy"] is None
