@@ -164,8 +164,8 @@ def test_memory_budget_is_most_of_the_free_memory_plus_what_the_process_holds():
 def test_eval_and_predict_say_which_inference_path(monkeypatch):
     from nanopeft.device import inference_precision
 
-    monkeypatch.setattr(device_mod, "fast_cpu_bf16", lambda *a: True)
-    dtype, line = inference_precision(CPU, "auto", "yes")
+    monkeypatch.setenv("NANOPEFT_CPU_BF16", "1")
+    dtype, line = inference_precision(CPU, "bf16", "yes")
     assert dtype == torch.bfloat16 and "bf16" in line and "merged into dense Linears" in line
     assert "NF4" in inference_precision(CPU, "fp32", "requantize")[1]
     assert "unmerged" in inference_precision(CPU, "fp32", "no")[1]
