@@ -38,6 +38,8 @@ import torch
 from tqdm import tqdm
 
 from nanopeft.augment import resize_normalize
+from nanopeft.calibration import (KINDS, bootstrap_intervals, calibrate, calibration_metrics, reliability_bins,
+                                  runs_val_logits, with_interval)
 from nanopeft.cli import error_boundary
 from nanopeft.checkpoint_format import atomic_write
 from nanopeft.config import TrainConfig
@@ -45,7 +47,7 @@ from nanopeft.data import (ImageDataset, check_images, describe_unreadable, load
                            skip_unreadable, training_pool)
 from nanopeft.metrics import compute_metrics, format_report
 from nanopeft.device import autocast, inference_precision, precision_name, resolve_device, threads_beside_workers
-from nanopeft.plots import save_confusion_matrix
+from nanopeft.plots import save_confusion_matrix, save_reliability_diagram
 from nanopeft.prepack import prepack_for_inference
 from nanopeft.predict import read_run as _read_run
 from nanopeft.predict import adapter_provenance, run_classifier, run_train_priors
@@ -177,6 +179,9 @@ def parse_args(argv):
     p.add_argument("--prior-correction", default="none", metavar="none|em|FILE",
                    help="re-weight posteriors to the test priors: none, em (estimated on the test images), "
                         "or a JSON file {class: share}")
+    p.add_argument("--calibration", choices=[*KINDS, "auto"], default=None,
+                   help="fit a calibration on the run's validation logits: ts, bcts, vs, auto (lowest "
+                        "cross-validated NLL) or none (default; auto with --prior-correction em)")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable test images out (listed in "
                                                            "metrics.json `skipped`) instead of stopping")
     p.add_argument("--skip-unseen", action="store_true", help="evaluate the classes the run knows when the test "
@@ -226,27 +231,75 @@ def score(items, probs: torch.Tensor, names: list[str]) -> dict:
     return compute_metrics(labels, probs.argmax(-1).numpy(), class_names=names, sources=sources)
 
 
-def prior_corrected(args, probs: torch.Tensor, cfg0, saved0, names):
-    """(corrected posteriors, info) for --prior-correction, or (None, None) for none."""
+def calibration_kind(args) -> str:
+    """--calibration as asked; unset: auto for --prior-correction em (EM needs calibrated posteriors), else
+    none. A calibrator fitted on the validation split never scores that split."""
+    if args.calibration not in (None, "none") and args.split == "val":
+        raise ValueError(f"--calibration {args.calibration} with --split val: the calibrator is fitted on the "
+                         f"validation split, so it would score its own fitting data; evaluate a test set (--data)")
+    if args.calibration is not None:
+        return args.calibration
+    return "auto" if args.prior_correction == "em" and args.split != "val" else "none"
+
+
+def calibrated(args, adapters: list[dict]):
+    """(Calibrator or None, the validation logits and labels it was fitted on, or None)."""
+    kind = calibration_kind(args)
+    if kind == "none":
+        return None, None
+    z, y = runs_val_logits(args.runs, [a["adapter_id"] for a in adapters])
+    cal, why = calibrate(kind, z, y)
+    cal.nll["why"] = why
+    print(why)
+    return cal, (z, y)
+
+
+def prior_corrected(args, probs: torch.Tensor, cal, val, cfg0, saved0, names):
+    """(corrected posteriors, info) for --prior-correction, or (None, None) for none. Calibrated: the source
+    priors are the mean calibrated validation posterior (Alexandari et al. 2020); else the training priors."""
     if args.prior_correction == "none":
         return None, None
-    fixed, info = correct(probs, args.prior_correction, run_train_priors(cfg0, saved0), names)
+    if cal is not None:
+        source, what = cal.apply(val[0]).softmax(-1).mean(0).numpy(), "the mean calibrated validation posterior"
+    else:
+        source, what = run_train_priors(cfg0, saved0), "the training class shares (uncalibrated: not advised)"
+    fixed, info = correct(probs, args.prior_correction, source, names)
+    info.update(posteriors=f"{cal.kind}-calibrated" if cal is not None else "uncalibrated", source_priors=what)
+    if info["method"] == "em":
+        print(f"prior correction em on the {info['posteriors']} posteriors, source priors {what}: estimated test "
+              f"priors " + ", ".join(f"{k} {v:.3f}" for k, v in info["priors"].items())
+              + f" ({info['iterations']} iterations)")
     return torch.from_numpy(fixed), info
 
 
-def write_predictions(path: Path, items, names, probs, fixed=None) -> None:
-    """predictions.csv: path, label, prediction, confidence, source (+ the prior-corrected pair)."""
+def scored(items, probs, names) -> dict:
+    """score() plus the 95 % stratified bootstrap intervals of its headline numbers."""
+    m = score(items, probs, names)
+    m["intervals"] = bootstrap_intervals([s.label for s in items], probs.argmax(-1).numpy(), len(names))
+    return m
+
+
+def write_predictions(path: Path, items, names, probs, fixed=None, calibrated=None) -> None:
+    """predictions.csv: path, label, prediction, confidence, source (+ the calibrated and the prior-corrected
+    pairs)."""
+    extra = [(kind, p, p.argmax(-1).tolist()) for kind, p in (("calibrated", calibrated), ("corrected", fixed))
+             if p is not None]
     preds = probs.argmax(-1).tolist()
-    extra = ["prediction_corrected", "confidence_corrected"] if fixed is not None else []
-    fixed_preds = fixed.argmax(-1).tolist() if fixed is not None else None
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "prediction", "confidence", "source", *extra])
+
+    def rows(w):
+        w.writerow(["path", "label", "prediction", "confidence", "source",
+                    *[c for kind, _, _ in extra for c in (f"prediction_{kind}", f"confidence_{kind}")]])
         for i, (s, pr) in enumerate(zip(items, preds)):
             row = [shown(s.path), names[s.label], names[pr], f"{probs[i, pr]:.6f}", s.source]
-            if fixed is not None:
-                row += [names[fixed_preds[i]], f"{fixed[i, fixed_preds[i]]:.6f}"]
+            for _, p, top in extra:
+                row += [names[top[i]], f"{p[i, top[i]]:.6f}"]
             w.writerow(row)
+
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            rows(csv.writer(f))
+
+    atomic_write(path, write)
 
 
 def out_path(args) -> Path:
@@ -259,12 +312,23 @@ def out_path(args) -> Path:
     return Path(args.runs[0]) / ("metrics_val.json" if args.split == "val" else "metrics.json")
 
 
+def headline(m: dict) -> str:
+    """accuracy 0.8316 [0.8301, 0.8331], balanced accuracy ..., macro F1 ..."""
+    return ", ".join(f"{label} {with_interval(m[key], m['intervals'][key])}" for key, label in
+                     (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1")))
+
+
 def print_summary(metrics: dict, speed: dict, batch_size: int, out: Path) -> None:
     print(format_report(metrics))
+    print(f"\n{headline(metrics)}  (95 % intervals: stratified bootstrap, 1,000 resamples)")
+    cm = metrics["calibration_metrics"]
+    for name, c in cm.items():
+        print(f"{name} posteriors on the test set: NLL {c['nll']:.4f}, Brier {c['brier']:.4f}, ECE {c['ece']:.4f}")
+    if metrics.get("calibrated"):
+        print(f"calibrated ({metrics['calibration']['kind']}), not prior-corrected: {headline(metrics['calibrated'])}")
     if metrics.get("corrected"):
         c, pri = metrics["corrected"], metrics["prior_correction"]
-        print(f"\nprior-corrected ({pri['method']}): accuracy {c['accuracy']:.4f}, balanced accuracy "
-              f"{c['balanced_accuracy']:.4f}, macro F1 {c['macro_f1']:.4f}; test priors "
+        print(f"prior-corrected ({pri['method']}, {pri['posteriors']} posteriors): {headline(c)}; test priors "
               + ", ".join(f"{k} {v:.3f}" for k, v in pri["priors"].items()))
     if speed:
         print(f"\nspeed on {speed['speed_device']}: {speed['latency_ms']:.2f} ms/image at batch 1 "
@@ -276,8 +340,8 @@ def print_summary(metrics: dict, speed: dict, batch_size: int, out: Path) -> Non
     if metrics.get("unseen_classes"):
         print(f"left out {sum(metrics['unseen_classes'].values())} image(s) of classes the run never saw "
               f"(--skip-unseen): " + ", ".join(f"{shown(k)} {v}" for k, v in metrics["unseen_classes"].items()))
-    print(f"wrote {shown(out)}, {shown(out.with_name('predictions.csv'))} and "
-          f"{shown(out.with_name('confusion_matrix.png'))}")
+    print(f"wrote {shown(out)}, {shown(out.with_name('predictions.csv'))}, "
+          f"{shown(out.with_name('confusion_matrix.png'))} and {shown(out.with_name('reliability_diagram.png'))}")
 
 
 @error_boundary
@@ -298,10 +362,18 @@ def main(argv=None) -> dict:
     # a --skip-bad run left its unreadable images out of its validation split, so does the rebuilt split
     items, skipped = readable(items, args.skip_bad or (args.split == "val" and cfg0.skip_bad))
     logits, wall, speed, packing = ensemble_logits(args, items, saved0["train"]["image_size"], names, device, amp)
+    cal, val = calibrated(args, adapters)
     probs = logits.softmax(-1)
-    fixed, info = prior_corrected(args, probs, cfg0, saved0, names)
+    cprobs = cal.apply(logits).softmax(-1).float() if cal is not None else None  # calibrated posteriors
+    fixed, info = prior_corrected(args, cprobs if cal is not None else probs, cal, val, cfg0, saved0, names)
 
-    metrics = score(items, probs, names)
+    labels = [s.label for s in items]
+    metrics = scored(items, probs, names)
+    metrics["calibration"] = cal.to_dict() if cal is not None else {"kind": "none"}
+    metrics["calibration_metrics"] = {"uncalibrated": calibration_metrics(probs, labels)}
+    if cal is not None:
+        metrics["calibration_metrics"]["calibrated"] = calibration_metrics(cprobs, labels)
+        metrics["calibrated"] = scored(items, cprobs, names)
     metrics.update(speed)
     metrics.update(eval_wall_s=wall, eval_throughput_img_s=len(items) / wall, runs=args.runs,
                    data=shown(args.data) if args.split == "test" else "val split", merged=args.merge,
@@ -310,16 +382,21 @@ def main(argv=None) -> dict:
                    adapter_epoch=adapters[0]["adapter_epoch"] if len(adapters) == 1 else [a["adapter_epoch"] for a in adapters],
                    skipped=skipped, unseen_classes={shown(k): n for k, n in unseen.items()})
     if fixed is not None:
-        metrics.update(corrected=score(items, fixed, names), prior_correction=info)
+        metrics.update(corrected=scored(items, fixed, names), prior_correction=info)
+        metrics["calibration_metrics"]["prior-corrected"] = calibration_metrics(fixed, labels)
     out = out_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: p.write_text(json.dumps(metrics, indent=2)))
-    write_predictions(out.with_name("predictions.csv"), items, names, probs, fixed)
+    write_predictions(out.with_name("predictions.csv"), items, names, probs, fixed, cprobs)
     title = f"{shown(Path(args.runs[0]).name)} on {shown(Path(args.data).name) if args.data else 'its val split'}"
     save_confusion_matrix(metrics["confusion_matrix"], names, out.with_name("confusion_matrix.png"), title=title)
     if fixed is not None:
         save_confusion_matrix(metrics["corrected"]["confusion_matrix"], names,
                               out.with_name("confusion_matrix_corrected.png"), title=f"{title}, prior-corrected")
+    curves = [(name, reliability_bins(p, labels), metrics["calibration_metrics"][name]["ece"])
+              for name, p in (("uncalibrated", probs), ("calibrated", cprobs), ("prior-corrected", fixed))
+              if p is not None]
+    save_reliability_diagram(curves, out.with_name("reliability_diagram.png"))
     print_summary(metrics, speed, args.batch_size, out)
     return metrics
 

@@ -41,6 +41,8 @@ from tqdm import tqdm
 
 from nanopeft import cli
 from nanopeft.budget import count_params
+from nanopeft.calibration import save_val_logits
+from nanopeft.save import adapter_identity
 from nanopeft.build import build_classifier, memory_estimate, plan_checkpointing
 from nanopeft.config import (ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args,
                              joined_negative_values)
@@ -334,6 +336,7 @@ class Data:
     n_train: int
     n_val: int
     train_counts: list[int]                    # training images per class (before the multiplier)
+    val_samples: list = dataclasses.field(default_factory=list)  # the whole validation split, in order
     notes: list[str] = dataclasses.field(default_factory=list)  # for train.log: skipped and upscaled images
 
 
@@ -378,7 +381,7 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
         notes.append(f"upscaled {len(upscaled)} image(s) smaller than one {MIN_SIDE}×{MIN_SIDE} patch to {MIN_SIDE} px "
                      f"on the shorter side before augmentation (first: {shown(upscaled[0])})")
     return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items),
-                train_counts, notes)
+                train_counts, val_items, notes)
 
 
 def sampler_weights(cfg: TrainConfig, train_ds) -> list[float] | None:
@@ -425,15 +428,18 @@ def build_model(cfg: TrainConfig, system: System, num_classes: int) -> tuple[nn.
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp, criterion: nn.CrossEntropyLoss, num_classes: int) -> list[float]:
+def evaluate(model, loader, device, amp, criterion: nn.CrossEntropyLoss,
+             num_classes: int) -> tuple[list[float], torch.Tensor]:
     """This rank's share of the validation sums nanopeft/history.py turns into scores:
-    [Σ w_y·loss, Σ w_y, confusion matrix (C·C)], w the class weights (1 without them)."""
+    [Σ w_y·loss, Σ w_y, confusion matrix (C·C)], w the class weights (1 without them); and its logits."""
     model.eval()
     loss_sum, weight_sum = 0.0, 0.0
     cm = torch.zeros(num_classes * num_classes, dtype=torch.float64)
+    kept = []
     for x, y in loader:
         with autocast(device, amp):
             logits = model(x.to(device, non_blocking=True))
+        kept.append(logits.float().cpu())
         y = y.to(device)
         w = criterion.weight
         loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=criterion.label_smoothing,
@@ -441,14 +447,20 @@ def evaluate(model, loader, device, amp, criterion: nn.CrossEntropyLoss, num_cla
         loss_sum += loss.sum().item()
         weight_sum += (w[y].sum() if w is not None else torch.tensor(float(len(y)))).item()
         cm += torch.bincount((y * num_classes + logits.argmax(-1)).cpu(), minlength=num_classes ** 2).double()
-    return [loss_sum, weight_sum, *cm.tolist()]
+    return [loss_sum, weight_sum, *cm.tolist()], torch.cat(kept) if kept else torch.zeros(0, num_classes)
 
 
-def validate(wrapped, data: Data, system: System, criterion) -> dict:
-    """{val_accuracy, val_loss, val_macro_f1} over the whole validation split (summed over ranks)."""
+def validate(wrapped, data: Data, system: System, criterion) -> tuple[dict, torch.Tensor]:
+    """{val_accuracy, val_loss, val_macro_f1} over the whole validation split (summed over ranks), and
+    the split's (N, C) logits in its order (each rank holds rows rank, rank + world, ...: placed and summed)."""
     C = len(data.class_names)
-    sums = all_sum(evaluate(wrapped, data.val_loader, system.device, system.amp, criterion, C), system.device)
-    return validation_scores(sums, C)
+    sums, mine = evaluate(wrapped, data.val_loader, system.device, system.amp, criterion, C)
+    logits = torch.zeros(data.n_val, C, dtype=torch.float64)
+    logits[system.rank::system.world] = mine.double()
+    if system.world > 1:
+        logits = logits.to(system.device)
+        torch.distributed.all_reduce(logits)
+    return validation_scores(all_sum(sums, system.device), C), logits.float().cpu()
 
 
 def report_epoch(log: RunLog, out: Path, system: System, val: dict, epoch: int, elapsed: float, best: bool,
@@ -520,8 +532,8 @@ def checkpoint(out: Path, cfg: TrainConfig, system: System, model, optimizer, sc
     return out
 
 
-def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict, class_names: list[str],
-              scores: dict) -> None:
+def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict, data: Data,
+              scores: dict, val_logits: torch.Tensor) -> None:
     """The best epoch's adapter/ (rank 0; finite weights only); a failed write is a one-line error naming the file."""
     check_finite_weights(model, state, out)  # every rank, as in checkpoint(): none waits for a rank that stopped
     if not system.master:
@@ -529,7 +541,10 @@ def save_best(model, cfg: TrainConfig, system: System, out: Path, state: dict, c
     from safetensors import SafetensorError
 
     try:
-        save_run_weights(model, cfg, out / "adapter", class_names, scores)
+        save_run_weights(model, cfg, out / "adapter", data.class_names, scores)
+        # the kept epoch's validation logits, tied to this adapter: what eval.py --calibration fits on
+        save_val_logits(out, val_logits, [s.label for s in data.val_samples], [s.path for s in data.val_samples],
+                        adapter_identity(out / "adapter")[0])
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         name = "adapter_config.json" if "config" in str(getattr(e, "filename", "")) else "adapter_model.safetensors"
         fail(str(write_failed(out / "adapter" / name, e)))
@@ -686,11 +701,11 @@ def main(argv=None) -> dict:
             log.say(f"stopped after {state['step']} steps (--max-steps); resume with --resume {out}")
             break
         # ------------------------------------------------------------ epoch end
-        val = validate(wrapped, data, system, criterion)
+        val, val_logits = validate(wrapped, data, system, criterion)
         state.update(epoch=epoch + 1, batches_done=0)
         best = keep_best(state, val, cfg.select_metric, cfg.min_delta, epoch + 1)
         if best:
-            save_best(model, cfg, system, out, state, data.class_names, {"epoch": epoch + 1, **val})
+            save_best(model, cfg, system, out, state, data, {"epoch": epoch + 1, **val}, val_logits)
         report_epoch(log, out, system, val, epoch + 1, time.perf_counter() - t_start, best, cfg)
         if state["bad_epochs"] >= cfg.patience:
             log.say(f"early stop: no improvement for {cfg.patience} epochs")

@@ -312,3 +312,22 @@ def save_shots_plot(rows: list[dict], path, title: str = "Data efficiency") -> P
     if entries:
         panel.legend(entries, corner="lower right")
     return _finish(img, path)
+
+
+# ----------------------------------------------------------------------------- reliability diagram
+def save_reliability_diagram(curves: list[tuple[str, list[dict], float]], path,
+                             title: str = "Reliability (top label, 15 equal-mass bins)") -> Path:
+    """Accuracy against mean confidence per bin (nanopeft/calibration.py reliability_bins), one line per
+    set of posteriors (label, bins, ECE): on the diagonal a posterior means what it says; below it the
+    classifier is over-confident, above it under-confident. Markers are the bins (equal counts)."""
+    img = Image.new("RGB", (760, 640), "white")
+    panel = Panel(img, (110, 60, 720, 540), (0.0, 1.0), (0.0, 1.0))
+    panel.axes("mean confidence in the bin", "accuracy in the bin", title)
+    panel.line([0, 1], [0, 1], GREY, width=1)
+    entries = []
+    for (label, bins, err), c in zip(curves, (BLUE, ORANGE, GREEN)):
+        panel.line([b["confidence"] for b in bins], [b["accuracy"] for b in bins], c, width=2, markers=True)
+        entries.append((f"{label} (ECE {err:.3f})", c))
+    if entries:
+        panel.legend(entries, corner="upper left")
+    return _finish(img, path)

@@ -119,9 +119,9 @@ def test_validation_loss_is_the_weighted_mean_torch_computes():
 
     x = torch.arange(20.0).view(20, 1, 1, 1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6)
-    sums = train.evaluate(Fixed(), loader, torch.device("cpu"), None, crit, 3)
+    sums, kept = train.evaluate(Fixed(), loader, torch.device("cpu"), None, crit, 3)
     assert validation_scores(sums, 3)["val_loss"] == pytest.approx(crit(logits, y).item(), rel=1e-6)
-    assert sum(sums[2:]) == 20
+    assert sum(sums[2:]) == 20 and torch.equal(kept, logits)  # the logits, in the loader's order
 
 
 # ----------------------------------------------------------------------------- --select-metric
@@ -348,3 +348,7 @@ def test_ddp_validation_scores_equal_single_process(tmp_path, data, weights):
     for k in ("val_accuracy", "val_macro_f1", "val_loss"):
         assert b[k] == pytest.approx(a[k], abs=1e-5), k
     assert len(read_csv(tmp_path / "ddp" / "metrics.csv")) == 1
+    from nanopeft.calibration import read_val_logits  # gathered from both ranks, in the split's order
+
+    (za, ya, pa, _), (zb, yb, pb, _) = (read_val_logits(tmp_path / r) for r in ("single", "ddp"))
+    assert pa == pb and torch.equal(ya, yb) and (za - zb).abs().max() < 1e-4
