@@ -25,10 +25,13 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES, help="backbone weights (head stays fp32)")
     p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="re-quantize the merged weights")
     p.add_argument("--weights", help="the run's backbone path, if not where the run recorded it")
+    p.add_argument("--calibration", default="none", choices=["none", "ts", "bcts", "vs", "auto"],
+                   help="fit a calibration on the run's validation logits and fold it into the head (the export "
+                        "then predicts calibrated posteriors; config.json records it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = p.parse_args(argv)
     out = export_run(args.run, args.out, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
-                     weights=args.weights)
+                     weights=args.weights, calibration=args.calibration)
     print(f"wrote {out}/ (config.json, model.safetensors, head.safetensors, README.md)")
     return out
 

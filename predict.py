@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from nanopeft.calibration import KINDS, fold_into_head, run_calibration
 from nanopeft.cli import error_boundary
 from nanopeft.distributed import init_distributed
 from nanopeft.device import inference_precision, precision_name, resolve_device, threads_beside_workers
@@ -49,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--weights", help="--run: backbone path, if not where the run recorded it")
     p.add_argument("--prior-correction", default="none", metavar="none|em|FILE",
                    help="re-weight posteriors to the test priors: none, em (estimated), or a JSON {class: share}")
+    p.add_argument("--calibration", choices=[*KINDS, "auto"], default=None,
+                   help="--run: calibrate the logits on the run's validation logits (ts, bcts, vs, auto); default "
+                        "none, auto with --prior-correction em. An export keeps the calibration it was written with")
     p.add_argument("--prepack", default="auto", choices=["auto", "no"],
                    help="CPU, fp32: reorder the Linear weights once for oneDNN (auto; same outputs)")
     args = p.parse_args(argv)
@@ -70,7 +74,25 @@ def load(args, device, amp):
         return model, model.class_names, model.preprocessing["image_size"], model.train_priors
     cfg, saved = read_run(args.run)
     model, saved = run_classifier(args.run, device, amp, weights=args.weights, merge="yes")
-    return model, saved["class_names"], cfg.image_size, run_train_priors(cfg, saved)
+    priors = run_train_priors(cfg, saved)
+    if args.calibration != "none":  # the calibrated logits come out of the head itself
+        cal, why, priors = run_calibration(args.run, args.calibration)
+        fold_into_head(model.head, cal)
+        print(why)
+    return model, saved["class_names"], cfg.image_size, priors
+
+
+def calibration_kind(args) -> str:
+    """--calibration as asked; unset: auto with --prior-correction em for a run, else none. An export's
+    calibration was chosen when it was written (export.py --calibration)."""
+    if args.model:
+        if args.calibration not in (None, "none"):
+            raise ValueError(f"--calibration {args.calibration} with --model: an export predicts with the calibration "
+                             f"it was written with (export.py --calibration); predict with --run to choose one")
+        return "none"
+    if args.calibration is not None:
+        return args.calibration
+    return "auto" if args.prior_correction == "em" else "none"
 
 
 @error_boundary
@@ -91,21 +113,26 @@ def main(argv=None) -> dict:
     if args.run:
         read_run(args.run)  # a folder that is no run: its one-line error before anything else
     identity = run_identity(args.run) if args.run else export_identity(args.model)
+    args.calibration = calibration_kind(args)
     if rank == 0 and args.overwrite:
         gone = remove_outputs(args.out)
         if gone:
             print(f"--overwrite: removed {', '.join(str(f) for f in gone)}")
     if args.overwrite and world > 1:
         torch.distributed.barrier()  # no rank reads the old CSV after rank 0 removed it
-    note = check_resume(args.out, identity, precision) if not args.overwrite else None
+    note = check_resume(args.out, identity, precision, args.calibration) if not args.overwrite else None
     model, names, size, priors = load(args, device, amp)
     packing = prepack_for_inference(model, device, amp, args.batch_size, size, args.prepack == "auto")
+    if rank == 0 and args.prior_correction == "em" and args.calibration == "none" \
+            and (getattr(model, "calibration", None) or {}).get("kind", "none") == "none":
+        print("note: --prior-correction em on uncalibrated posteriors (not advised: EM's estimate is consistent "
+              "only for calibrated posteriors; --calibration auto with --run, or export.py --calibration auto)")
     if rank == 0:
         print(packing)
         if note:
             print(note)
-        write_log(args.out, f"start identity={identity} precision={precision} model={source} data={args.data} "
-                            f"prior_correction={args.prior_correction}")
+        write_log(args.out, f"start identity={identity} precision={precision} calibration={args.calibration} "
+                            f"model={source} data={args.data} prior_correction={args.prior_correction}")
     summary = predict_to_csv(model, inputs, args.out, names, size, top_k=args.top_k, batch_size=args.batch_size,
                              workers=args.workers, device=device, amp=amp, prior=args.prior_correction,
                              train_priors=priors)

@@ -24,6 +24,7 @@ label-shift estimation is consistent only for calibrated posteriors).
     bootstrap_intervals(y, pred, K)  -> 95 % stratified bootstrap intervals of accuracy, balanced accuracy,
                                         macro F1
     save_val_logits / read_val_logits   the kept epoch's validation logits in the run folder
+    fold_into_head(head, calibrator)    the calibration written into the head's last Linear (export, predict)
 """
 
 from __future__ import annotations
@@ -346,3 +347,31 @@ def runs_val_logits(runs: list, adapter_ids: list[str]) -> tuple[torch.Tensor, t
                              f"(another data set or --split-seed); calibrate the members one by one")
         z_sum, y0, paths0 = z_sum + z.double(), y, paths
     return z_sum / len(runs), y0
+
+
+def fold_into_head(head: torch.nn.Module, cal: Calibrator) -> None:
+    """Write the calibration into the head's last Linear (in place), so the model's logits are the calibrated
+    ones: every map here is affine in the logits, g(z) = A z + b with A = diag(a)(I − 11ᵀ/K) (the row
+    centring, then a = 1/T or w), hence W' = A W and c' = A c + b for z = W h + c. export.py stores a
+    calibrated head this way and predict.py runs one; load_classifier needs nothing else."""
+    if cal.kind == "none":
+        return
+    last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    K = last.out_features
+    a = torch.tensor(cal.w, dtype=torch.float64) if cal.kind == "vs" else torch.full((K,), 1.0 / cal.T, dtype=torch.float64)
+    b = torch.tensor(cal.b, dtype=torch.float64) if cal.b is not None else torch.zeros(K, dtype=torch.float64)
+    A = a[:, None] * (torch.eye(K, dtype=torch.float64) - 1.0 / K)      # (K, K)
+    with torch.no_grad():
+        W, c = last.weight.detach().double().cpu(), last.bias.detach().double().cpu()
+        last.weight.copy_((A @ W).to(last.weight.dtype))                 # (K, D)
+        last.bias.copy_((A @ c + b).to(last.bias.dtype))                 # (K,)
+
+
+def run_calibration(run, kind: str) -> tuple[Calibrator, str, np.ndarray]:
+    """A run folder's calibrator from its stored validation logits -> (calibrator, the line that says which,
+    the mean calibrated validation posterior: the source priors of label-shift EM)."""
+    from .save import adapter_identity
+
+    z, y = runs_val_logits([run], [adapter_identity(Path(run) / "adapter")[0]])
+    cal, why = calibrate(kind, z, y)
+    return cal, why, cal.apply(z).softmax(-1).mean(0).numpy()

@@ -152,8 +152,11 @@ def _dino_files(model, tmp: Path, cfg, saved: dict, dtype: torch.dtype, quantize
 
 
 def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None, overwrite: bool = False,
-               weights: str | None = None) -> Path:
-    """Write the export folder of a train.py run (see the module docstring); returns its path."""
+               weights: str | None = None, calibration: str = "none") -> Path:
+    """Write the export folder of a train.py run (see the module docstring); returns its path.
+    calibration (ts | bcts | vs | auto): fitted on the run's validation logits and folded into the head's
+    last Linear (calibration.fold_into_head), so the export's logits are the calibrated ones; config.json
+    records it, and the mean calibrated validation posterior as the training priors label-shift EM uses."""
     from .config import SCRATCH_METHODS
     from .predict import read_run, run_classifier, run_train_priors
     from .save import adapter_identity
@@ -170,12 +173,19 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
         raise ValueError(f"--quantize nf4 applies to DINOv3 runs; {run} is a {cfg.method} baseline")
     tdtype = parse_dtype(dtype)
     model, saved = run_classifier(run, torch.device("cpu"), torch.float32, weights=weights, merge="yes")
+    priors, cal_block = run_train_priors(cfg, saved).tolist(), {"kind": "none"}
+    if calibration not in (None, "none"):
+        from .calibration import fold_into_head, run_calibration
+
+        cal, why, source = run_calibration(run, calibration)
+        fold_into_head(model.head, cal)
+        priors, cal_block = source.tolist(), {**cal.to_dict(), "why": why, "folded_into": "head's last Linear"}
     tmp = _prepare_dir(out, overwrite)
     try:
         block = {"kind": "scratch" if scratch else "dinov3", "method": cfg.method,
                  "preprocessing": preprocessing(cfg.image_size, "n/a" if scratch else cfg.pool),
                  "head": {"num_classes": len(saved["class_names"]), "dropout": cfg.head_dropout},
-                 "train_priors": run_train_priors(cfg, saved).tolist(), "run": str(run),
+                 "train_priors": priors, "calibration": cal_block, "run": str(run),
                  "base_model": None if scratch else base_model_id(cfg.weights), "quantize": quantize,
                  "dtype": dtype, "adapter_id": adapter_identity(run / "adapter")[0],
                  "adapter_epoch": adapter_identity(run / "adapter")[1]}
@@ -240,6 +250,7 @@ def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto"
     model.class_names, model.preprocessing = names, pre
     model.train_priors = block.get("train_priors") or [1 / len(names)] * len(names)
     model.autocast_dtype, model.precision = amp, precision_name(amp)
+    model.calibration = block.get("calibration") or {"kind": "none"}  # already in the head's weights
     return model.eval()
 
 
@@ -321,6 +332,9 @@ def model_card(run: Path, cfg, saved: dict, conf: dict, name: str) -> str:
     lines += ["", "## Inference precision", "", "`nanopeft.load_classifier` and `predict.py --model` compute as `eval.py` "
               "does by default: fp32 on every CPU, bf16 autocast on a GPU with bf16 (`precision=` / `--precision` "
               "choose another), so an image gets the same label from each.", "",
+              *([f"Calibration: `{block['calibration']['kind']}` fitted on the run's validation logits "
+                 f"({block['calibration'].get('why', '')}), folded into the head's last Linear: the logits are the "
+                 f"calibrated ones.", ""] if block.get("calibration", {}).get("kind", "none") != "none" else []),
               "## Preprocessing", "",
               f"RGB, resized to {pre['image_size']} × {pre['image_size']} px ({pre['resize']}), pixels / 255, then (x - mean) / std with mean "
               f"{pre['mean']} and std {pre['std']}. Pooling: `{pre['pooling']}`.", "", "## How to load", ""]

@@ -153,7 +153,7 @@ def _log_fields(line: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in line.split() if "=" in f)
 
 
-def check_resume(out, identity: str, precision: str) -> str | None:
+def check_resume(out, identity: str, precision: str, calibration: str = "none") -> str | None:
     """Refuse to resume OUT when its log says another model (or precision) wrote it: the rows would mix
     two models' answers. Returns a note for a CSV without a log (written before logs existed), else None."""
     out = Path(out)
@@ -165,8 +165,8 @@ def check_resume(out, identity: str, precision: str) -> str | None:
     if not starts:
         return f"{out}: no {log.name} says which model wrote it; resuming it as this model's"
     last = starts[-1]
-    for key, now in (("identity", identity), ("precision", precision)):
-        if last.get(key) != now:
+    for key, now in (("identity", identity), ("precision", precision), ("calibration", calibration)):
+        if last.get(key, "none" if key == "calibration" else None) != now:
             raise ValueError(f"{out} was written by another model ({key} {last.get(key)} in {log.name}, this "
                              f"one is {now}): pass --overwrite to replace it, or choose another --out")
     return None
@@ -372,7 +372,7 @@ def _em_finish(inputs: Inputs, out: Path, header, wheader, loc, names, k, train_
     Pc[ok] = corrected
     merged = out.with_name(f"{out.name}.posteriors.csv")
     tmp = merged.with_name(f".{merged.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as w:  # index, path, the raw posteriors, error
+    with open(tmp, "wb") as w:  # index, path, the posteriors before the correction (calibrated with --calibration), error
         w.write(csv_line(wheader))
         w.writelines(csv_line([i, inputs.paths[i], *(f"{v:.8g}" for v in P[i]), errors[i]]) for i in range(n))
     os.replace(tmp, merged)

@@ -223,3 +223,45 @@ def test_eval_calibrates_on_the_stored_validation_logits(tiny_run, tmp_path, cap
     with pytest.raises(SystemExit):
         evaluate.main([*args, "--calibration", "ts", "--out", str(tmp_path / "b/")])
     assert "another adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_and_export_use_the_same_calibration_as_eval(tiny_run, tmp_path, capsys):
+    import csv
+
+    import eval as evaluate
+    import export
+    import predict
+    from nanopeft.calibration import fold_into_head, run_calibration
+    from nanopeft.data import make_demo_dataset
+    from nanopeft.export import load_classifier
+    from nanopeft.predict import run_classifier
+
+    run = tiny_run("lora")
+    cal, _, source = run_calibration(run, "bcts")
+    model, _ = run_classifier(run, torch.device("cpu"))
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = cal.apply(model(x)).float()
+        fold_into_head(model.head, cal)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-4)  # the affine map, folded into the last Linear
+    data = make_demo_dataset(tmp_path / "imgs", num_classes=3, per_class=3, size=(40, 32), seed=7)
+    m = evaluate.main(["--run", str(run), "--data", str(data), "--calibration", "bcts", "--workers", "0",
+                       "--speed-reps", "0", "--out", str(tmp_path / "e/")])
+    ev = {r["path"]: float(r["confidence_calibrated"]) for r in csv.DictReader(open(tmp_path / "e" / "predictions.csv"))}
+    export.main(["--run", str(run), "--out", str(tmp_path / "x"), "--calibration", "bcts"])
+    conf = json.loads((tmp_path / "x" / "config.json").read_text())["nanopeft"]
+    assert conf["calibration"]["kind"] == "bcts" and conf["calibration"]["T"] == pytest.approx(m["calibration"]["T"])
+    np.testing.assert_allclose(conf["train_priors"], source, atol=1e-9)
+    assert load_classifier(tmp_path / "x").calibration["kind"] == "bcts"
+    for name, src in (("run", ["--run", str(run), "--calibration", "bcts"]), ("export", ["--model", str(tmp_path / "x")])):
+        predict.main([*src, "--data", str(data), "--out", str(tmp_path / f"{name}.csv"), "--workers", "0"])
+        got = {r["path"]: float(r["prob"]) for r in csv.DictReader(open(tmp_path / f"{name}.csv"))}
+        assert got.keys() == ev.keys() and max(abs(got[p] - ev[p]) for p in ev) < 1e-4, name
+    with pytest.raises(SystemExit):  # resuming with another calibration would mix two models' answers
+        predict.main(["--run", str(run), "--data", str(data), "--out", str(tmp_path / "run.csv"), "--workers", "0"])
+    assert "calibration" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main(["--model", str(tmp_path / "x"), "--calibration", "ts", "--data", str(data), "--out",
+                      str(tmp_path / "y.csv"), "--workers", "0"])
+    assert "export.py --calibration" in capsys.readouterr().err

@@ -121,9 +121,10 @@ def test_prior_correction_em_equals_eval(setup, tmp_path):
     assert "corrected" in metrics and "balanced_accuracy" in metrics["corrected"]
     assert s["prior_correction"]["priors"] == pytest.approx(pri["priors"], abs=1e-4)
     assert {r["path"]: r["label"] for r in read(out)} == {r["path"]: r["prediction_corrected"] for r in ev}
-    post = read(out.with_name("em.csv.posteriors.csv"))  # the raw posteriors, kept
+    post = read(out.with_name("em.csv.posteriors.csv"))  # the posteriors before the correction (calibrated), kept
     P = np.array([[float(r[f"prob_class_{c}"]) for c in range(3)] for r in post])
-    est, _ = em_priors(P, np.full(3, 1 / 3))
+    assert pri["posteriors"] != "uncalibrated" and "calibrated validation" in pri["source_priors"]
+    est, _ = em_priors(P, list(pri["train_priors"].values()))  # the source priors: mean calibrated val posterior
     assert list(est) == pytest.approx(list(pri["priors"].values()), abs=1e-4)
 
 
