@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from nanopeft.augment import resize_normalize
-from nanopeft.calibration import (KINDS, bootstrap_intervals, calibrate, calibration_metrics, reliability_bins,
-                                  runs_val_logits, with_interval)
+from nanopeft.calibration import (KINDS, bootstrap_intervals, calibrate, calibration_metrics, refuse_knn,
+                                  reliability_bins, runs_val_logits, with_interval)
 from nanopeft.cli import error_boundary
 from nanopeft.checkpoint_format import atomic_write
 from nanopeft.config import TrainConfig
@@ -237,8 +237,9 @@ def calibration_kind(args) -> str:
     if args.calibration not in (None, "none") and args.split == "val":
         raise ValueError(f"--calibration {args.calibration} with --split val: the calibrator is fitted on the "
                          f"validation split, so it would score its own fitting data; evaluate a test set (--data)")
-    if args.calibration is not None:
-        return args.calibration
+    methods = [read_run(r)[0].method for r in args.runs]
+    if args.calibration is not None or "knn" in methods:
+        return refuse_knn(methods, args.calibration)
     return "auto" if args.prior_correction == "em" and args.split != "val" else "none"
 
 

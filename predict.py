@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from nanopeft.calibration import KINDS, fold_into_head, run_calibration
+from nanopeft.calibration import KINDS, fold_into_head, refuse_knn, run_calibration
 from nanopeft.cli import error_boundary
 from nanopeft.distributed import init_distributed
 from nanopeft.device import inference_precision, precision_name, resolve_device, threads_beside_workers
@@ -90,9 +90,10 @@ def calibration_kind(args) -> str:
             raise ValueError(f"--calibration {args.calibration} with --model: an export predicts with the calibration "
                              f"it was written with (export.py --calibration); predict with --run to choose one")
         return "none"
+    method = read_run(args.run)[0].method
     if args.calibration is not None:
-        return args.calibration
-    return "auto" if args.prior_correction == "em" else "none"
+        return refuse_knn([method], args.calibration)
+    return refuse_knn([method], None) if method == "knn" else ("auto" if args.prior_correction == "em" else "none")
 
 
 @error_boundary

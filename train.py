@@ -44,7 +44,7 @@ from nanopeft.budget import count_params
 from nanopeft.calibration import save_val_logits
 from nanopeft.save import adapter_identity
 from nanopeft.build import build_classifier, memory_estimate, plan_checkpointing
-from nanopeft.config import (ADAPTER_METHODS, DINO_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args,
+from nanopeft.config import (ADAPTER_METHODS, DINO_METHODS, FROZEN_METHODS, PROBE_METHODS, PAPER_RUNS, TrainConfig, add_config_args, config_from_args,
                              joined_negative_values)
 from nanopeft.device import (autocast, choose_precision, hugepage_cpu_allocator, peak_memory_mb, resolve_device,
                              threads_beside_workers)
@@ -392,6 +392,67 @@ def sampler_weights(cfg: TrainConfig, train_ds) -> list[float] | None:
         if cfg.sampler == "balanced" else None
 
 
+def use_feature_cache(cfg: TrainConfig, system: System, data: Data, model, out: Path, log: RunLog, wrapped):
+    """A frozen backbone (--cache-features yes): its features once per view (nanopeft/features.py), then the
+    loop trains the head on (feature, label) batches: `data` gets feature loaders, and the returned module
+    (DDP under torchrun) runs the head alone. Anything else: `wrapped` as it was."""
+    from nanopeft.data import ImageDataset
+    from nanopeft.distributed import MicroBatchSampler
+    from nanopeft.features import FeatureDataset, HeadOnFeatures, cached_features
+
+    if cfg.method not in FROZEN_METHODS or cfg.cache_features != "yes":
+        return wrapped
+    views = ImageDataset(data.train_ds.samples, image_size=cfg.image_size, multiplier=cfg.cache_views or cfg.multiplier,
+                         strength=cfg.augment, seed=cfg.seed)
+    train, train_y, val, val_y, line = cached_features(cfg, model, views, data.val_samples, out, system.device,
+                                                       system.amp, system.rank, system.world)
+    log.say(line)
+    data.train_ds = FeatureDataset(train, train_y)
+    data.sampler = MicroBatchSampler(len(data.train_ds), cfg.batch_size, cfg.seed, system.rank, system.world,
+                                     weights=sampler_weights(cfg, data.train_ds))
+    # a private generator, as build_loaders': the loader must not draw from the global RNG (dropout's)
+    data.train_loader = torch.utils.data.DataLoader(data.train_ds, batch_sampler=data.sampler,
+                                                    generator=torch.Generator().manual_seed(cfg.seed))
+    data.val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(FeatureDataset(val, val_y), list(range(system.rank, len(val_y), system.world))),
+        batch_size=cfg.eval_batch_size)
+    head = HeadOnFeatures(model)
+    return nn.parallel.DistributedDataParallel(head) if system.world > 1 else head
+
+
+def probe_run(cfg: TrainConfig, system: System, data: Data, model, out: Path, state: dict,
+              log: RunLog) -> tuple[dict, float]:
+    """--method linear-probe | knn: fit on the cached clean features (nanopeft/probes.py) instead of the loop;
+    write RUN/probe.safetensors and the validation logits, record the validation scores as epoch 1."""
+    from nanopeft.data import ImageDataset
+    from nanopeft.features import cached_features
+    from nanopeft.probes import fit_probe, save_probe
+
+    t0 = time.perf_counter()
+    clean = ImageDataset(data.train_ds.samples, image_size=cfg.image_size)  # one view: the clean image
+    tf, ty, vf, vy, line = cached_features(cfg, model, clean, data.val_samples, out, system.device, system.amp,
+                                           system.rank, system.world)
+    log.say(line)
+    C = len(data.class_names)
+    head, info = fit_probe(cfg, tf.float(), ty, vf.float(), vy, C)
+    model.head = head.to(system.device)
+    with torch.no_grad():
+        val_logits = head(vf.float().to(system.device)).float().cpu()          # (Nv, C)
+    cm = torch.bincount(vy * C + val_logits.argmax(1), minlength=C * C).double()
+    val = validation_scores([float(F.cross_entropy(val_logits, vy, reduction="sum")), float(len(vy)), *cm.tolist()], C)
+    log.say(f"{cfg.method}: fitted in {time.perf_counter() - t0:.1f} s on {len(ty)} images ("
+            + ", ".join(f"{k} {v}" for k, v in info.items() if k != "grid") + ")")
+    if system.master:
+        from nanopeft.save import file_identity
+
+        probe = save_probe(out, head, cfg.method, info)
+        save_val_logits(out, val_logits, vy.tolist(), [s.path for s in data.val_samples], file_identity(probe)[0])
+    state.update(epoch=cfg.epochs, best_val=val["val_accuracy"], best_epoch=1, best_score=val[cfg.select_metric],
+                 finished=True)
+    report_epoch(log, out, system, val, 1, time.perf_counter() - t0, True, cfg)
+    return state, time.perf_counter() - t0
+
+
 def make_criterion(cfg: TrainConfig, data: Data, device: torch.device) -> nn.Module:
     """Cross-entropy with the recipe's label smoothing, and with --class-weights balanced the weights
     of nanopeft/balance.py (n/(C·n_c), or 1 under --sampler balanced)."""
@@ -419,8 +480,8 @@ def build_model(cfg: TrainConfig, system: System, num_classes: int) -> tuple[nn.
         system.notes.append(plan_checkpointing(model, cfg, system.device, system.amp))
     except ValueError as e:
         fail(str(e))
-    if system.world == 1:
-        return model, model
+    if system.world == 1 or (cfg.method in FROZEN_METHODS and cfg.cache_features == "yes"):
+        return model, model  # (a cached frozen run wraps its head alone: use_feature_cache)
     # broadcast_buffers=False: the NF4 codes are buffers, identical on every rank
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[system.local] if system.device.type == "cuda"
                                               else None, broadcast_buffers=False)
@@ -636,12 +697,18 @@ def main(argv=None) -> dict:
     model, wrapped = build_model(cfg, system, len(data.class_names))
     counts = count_params(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # (a k-NN probe has no parameter: an empty one keeps resume.pt's optimizer entry for every method)
+    optimizer = torch.optim.AdamW(trainable or [nn.Parameter(torch.zeros(0))], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == torch.float16))
     criterion = make_criterion(cfg, data, device)
+    out, state, log = open_run(cfg, args, system, model, optimizer, scaler, data, counts)
+    if cfg.method in PROBE_METHODS:  # a probe is fitted in seconds on cached features: no loop
+        state, seconds = probe_run(cfg, system, data, model, out, state, log)
+        out = checkpoint(out, cfg, system, model, optimizer, scaler, state, log)
+        return finish_run(out, cfg, args, system, state, counts, log, seconds)
+    wrapped = use_feature_cache(cfg, system, data, model, out, log, wrapped)  # frozen backbone: features once
     micro_per_epoch = data.sampler.num_batches()
     total_steps = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
-    out, state, log = open_run(cfg, args, system, model, optimizer, scaler, data, counts)
     log_setup(log, cfg, system, scaler, data, counts, total_steps)
 
     # ---------------------------------------------------------------- the loop

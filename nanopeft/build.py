@@ -22,6 +22,7 @@ from .checkpoint import guess_preset
 from .config import ADAPTER_METHODS, ROPE_FROM_CONFIG, SCRATCH_METHODS, TrainConfig, ViTConfig, resolve_config
 from .head import Classifier, make_head
 from .model import DINOv3ViT
+from .probes import LinearProbe
 
 
 def backbone_config(weights: str) -> ViTConfig:
@@ -76,7 +77,12 @@ def build_classifier(cfg: TrainConfig, num_classes: int, device: torch.device,
                      targets=cfg.targets, use_rslora=cfg.use_rslora, dora_dropout=cfg.dora_dropout,
                      dropout_sampler=cfg.dropout_sampler)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        head = make_head(backbone.feature_dim(cfg.pool), num_classes, dropout=cfg.head_dropout)
+        if cfg.method == "linear-probe":  # fitted on cached features (probes.py); this is its shape
+            head = LinearProbe(backbone.feature_dim(cfg.pool), num_classes)
+        elif cfg.method == "knn":         # no parameters: the training features vote (probes.py)
+            head = nn.Identity()
+        else:
+            head = make_head(backbone.feature_dim(cfg.pool), num_classes, dropout=cfg.head_dropout)
     model = Classifier(backbone, head, pool=cfg.pool)
     return model if meta else model.to(device)
 

@@ -176,6 +176,17 @@ def choose(logits, labels, folds: int = 5, seed: int = 0) -> tuple[Calibrator, s
     return c, why
 
 
+def refuse_knn(methods, kind) -> str:
+    """A k-NN run's outputs are vote shares (log p), not logits a temperature or a bias was meant for:
+    calibration is refused for it in one line; by default it is simply off. Returns the kind to use."""
+    if "knn" in methods:
+        if kind not in (None, "none"):
+            raise ValueError(f"--calibration {kind}: a k-NN run's posteriors are neighbour vote shares, not logits, "
+                             f"and calibrating them is not defined here; use --calibration none")
+        return "none"
+    return kind
+
+
 def calibrate(kind: str, logits, labels) -> tuple[Calibrator, str]:
     """--calibration KIND|auto on validation logits -> (Calibrator, the line eval.py prints)."""
     if kind == "auto":
@@ -370,8 +381,8 @@ def fold_into_head(head: torch.nn.Module, cal: Calibrator) -> None:
 def run_calibration(run, kind: str) -> tuple[Calibrator, str, np.ndarray]:
     """A run folder's calibrator from its stored validation logits -> (calibrator, the line that says which,
     the mean calibrated validation posterior: the source priors of label-shift EM)."""
-    from .save import adapter_identity
+    from .predict import run_identity
 
-    z, y = runs_val_logits([run], [adapter_identity(Path(run) / "adapter")[0]])
+    z, y = runs_val_logits([run], [run_identity(run)])
     cal, why = calibrate(kind, z, y)
     return cal, why, cal.apply(z).softmax(-1).mean(0).numpy()

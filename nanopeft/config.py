@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass, field
 
 ADAPTER_METHODS = ("lora", "dora")                 # a frozen DINOv3 + adapters + the head
-DINO_METHODS = (*ADAPTER_METHODS, "frozen")        # every method on the DINOv3 backbone
+PROBE_METHODS = ("linear-probe", "knn")            # fitted on cached features, no training loop (probes.py)
+FROZEN_METHODS = ("frozen", *PROBE_METHODS)         # the backbone never changes: its features can be cached
+DINO_METHODS = (*ADAPTER_METHODS, *FROZEN_METHODS)  # every method on the DINOv3 backbone
 SCRATCH_METHODS = ("resnet18", "vit-small")        # the paper's randomly initialised baselines (scratch.py)
 METHODS = (*DINO_METHODS, *SCRATCH_METHODS)
 POOLS = ("cls", "mean", "cls+mean")                # the feature the head reads (DINOv3ViT.features)
@@ -139,7 +141,7 @@ def resolve_config(config) -> ViTConfig:
 @dataclass
 class TrainConfig:
     # what to train
-    method: str = "lora"              # lora (QLoRA with the NF4 base) | dora | frozen | resnet18 | vit-small
+    method: str = "lora"              # lora (QLoRA with the NF4 base) | dora | frozen | linear-probe | knn | resnet18 | vit-small
     targets: str | list[str] = "all-linear"  # q_proj | all-linear | comma list of module-name suffixes
     rank: int = 64                    # the paper's best row: all-linear r64
     alpha: float | None = None        # None: 2·rank, as in every run of the paper
@@ -148,6 +150,8 @@ class TrainConfig:
     quant: str = "nf4"                # nf4 | none: the frozen DINOv3 base (QLoRA/QDoRA as in the paper)
     pool: str = "cls"                 # cls (the paper: pooler_output) | mean | cls+mean
     head_dropout: float = 0.5         # first head dropout; the second is half of it
+    knn_k: int = 20                   # --method knn: neighbours that vote (DINO's k-NN evaluation)
+    knn_temperature: float = 0.07     # --method knn: a neighbour's vote is exp(cosine / T)
     # data
     weights: str = "weights/dinov3-vit7b16"  # any load_dinov3 path
     data: str = "data"                # image-folder tree (one sub-folder per class) or CSV manifest
@@ -192,6 +196,9 @@ class TrainConfig:
     grad_checkpointing: str = "all"   # all | none | auto: recompute blocks in backward; auto: the fewest that fit --memory-budget
     memory_budget: float = 0.0        # GB for --grad-checkpointing auto; 0 = the GPU's free memory (CPU: available RAM)
     dora_dropout: str = "peft"        # peft (the study's semantics) | lora (dropout on the low-rank path only, one frozen pass)
+    cache_features: str = "yes"       # yes | no: frozen-backbone methods compute each view's features once (nanopeft/features.py)
+    cache_views: int = 0              # views per training image in the cache: the clean one + K-1 augmented (0: --multiplier)
+    cache_dtype: str = "fp32"         # fp32 | fp16: how the cache stores the features
     dropout_sampler: str = "bits"     # bits (exact Bernoulli masks from raw random numbers; the mask op is cheaper) | torch (nn.Dropout: PEFT's masks seed for seed)
 
     def resolved(self) -> "TrainConfig":
@@ -250,6 +257,8 @@ RANGES = {
     "val_fraction": (0.0, False, 1.0, False), "patience": (1, True, math.inf, False),
     "max_steps": (0, True, math.inf, False), "ckpt_every": (0, True, math.inf, False),
     "workers": (0, True, math.inf, False), "num_classes": (0, True, math.inf, False),
+    "knn_k": (1, True, math.inf, False), "knn_temperature": (0.0, False, math.inf, False),
+    "cache_views": (0, True, math.inf, False),
 }
 
 
@@ -273,7 +282,7 @@ def _resolve_performance(c: TrainConfig) -> None:
     if isinstance(c.grad_checkpointing, bool):
         c.grad_checkpointing = "all" if c.grad_checkpointing else "none"
     choices = {"grad_checkpointing": GRAD_CHECKPOINTING, "dora_dropout": DORA_DROPOUT_MODES,
-               "dropout_sampler": DROPOUT_SAMPLERS}
+               "dropout_sampler": DROPOUT_SAMPLERS, "cache_features": ("yes", "no"), "cache_dtype": ("fp32", "fp16")}
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(c, name)!r}")
@@ -338,14 +347,14 @@ def _field_comments(cls) -> dict[str, str]:
 # --help's groups, in README.md's order ("Every flag"; tests/test_config.py checks the two agree).
 FLAG_GROUPS = {
     "model": ("method", "targets", "rank", "alpha", "dropout", "use_rslora", "quant", "pool", "head_dropout",
-              "weights", "num_classes", "preset"),
+              "knn_k", "knn_temperature", "weights", "num_classes", "preset"),
     "data": ("data", "val_fraction", "split_seed", "image_size", "multiplier", "augment", "skip_bad", "workers",
              "sampler", "class_weights"),
     "optimisation": ("epochs", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay",
                      "label_smoothing", "grad_clip", "patience", "min_delta", "select_metric", "max_steps", "seed",
                      "rope_rescale", "rope_shift", "rope_jitter"),
     "performance": ("device", "precision", "grad_checkpointing", "memory_budget", "dora_dropout", "dropout_sampler",
-                    "eval_batch_size"),
+                    "eval_batch_size", "cache_features", "cache_views", "cache_dtype"),
     "run folder": ("out", "ckpt_every"),
 }
 
@@ -354,7 +363,8 @@ def flag_metavar(name: str, kind: str) -> str:
     """What --help shows as a flag's value: its allowed values where there is a list, else its kind."""
     choices = {"method": METHODS, "quant": ("nf4", "none"), "pool": POOLS, "augment": ("none", "light", "medium", "heavy"),
                "precision": PRECISIONS, "grad_checkpointing": GRAD_CHECKPOINTING, "dora_dropout": DORA_DROPOUT_MODES,
-               "dropout_sampler": DROPOUT_SAMPLERS, **REPORTING_CHOICES,
+               "dropout_sampler": DROPOUT_SAMPLERS, **REPORTING_CHOICES, "cache_features": ("yes", "no"),
+               "cache_dtype": ("fp32", "fp16"),
                "targets": ("q_proj", "all-linear", "A,B,..."), "device": ("auto", "cpu", "cuda", "cuda:N"),
                **{r: (ROPE_FROM_CONFIG, "none", "FLOAT") for r in ROPE_FIELDS}}
     if name in choices:

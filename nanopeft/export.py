@@ -158,8 +158,8 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
     last Linear (calibration.fold_into_head), so the export's logits are the calibrated ones; config.json
     records it, and the mean calibrated validation posterior as the training priors label-shift EM uses."""
     from .config import SCRATCH_METHODS
-    from .predict import read_run, run_classifier, run_train_priors
-    from .save import adapter_identity
+    from .predict import read_run, run_classifier, run_train_priors, run_weights_file
+    from .save import file_identity
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {EXPORT_DTYPES}")
@@ -175,8 +175,9 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
     model, saved = run_classifier(run, torch.device("cpu"), torch.float32, weights=weights, merge="yes")
     priors, cal_block = run_train_priors(cfg, saved).tolist(), {"kind": "none"}
     if calibration not in (None, "none"):
-        from .calibration import fold_into_head, run_calibration
+        from .calibration import fold_into_head, refuse_knn, run_calibration
 
+        refuse_knn([cfg.method], calibration)
         cal, why, source = run_calibration(run, calibration)
         fold_into_head(model.head, cal)
         priors, cal_block = source.tolist(), {**cal.to_dict(), "why": why, "folded_into": "head's last Linear"}
@@ -187,8 +188,8 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
                  "head": {"num_classes": len(saved["class_names"]), "dropout": cfg.head_dropout},
                  "train_priors": priors, "calibration": cal_block, "run": str(run),
                  "base_model": None if scratch else base_model_id(cfg.weights), "quantize": quantize,
-                 "dtype": dtype, "adapter_id": adapter_identity(run / "adapter")[0],
-                 "adapter_epoch": adapter_identity(run / "adapter")[1]}
+                 "dtype": dtype, "adapter_id": file_identity(run_weights_file(run))[0],
+                 "adapter_epoch": file_identity(run_weights_file(run))[1]}
         if scratch:
             model.to(tdtype)
             save_file(_tensors(model.backbone), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -196,6 +197,9 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
                     **labels(saved["class_names"])}
         else:
             block["head"]["in_dim"] = model.backbone.feature_dim(cfg.pool)
+            block["head"]["kind"] = cfg.method if cfg.method in ("linear-probe", "knn") else "mlp"
+            if cfg.method == "knn":
+                block["head"].update(k=model.head.k, temperature=model.head.t)
             conf = _dino_files(model, tmp, cfg, saved, tdtype, quantize)
         conf["nanopeft"] = block
         head = model.head if scratch else model.head.float()  # a scratch head runs in the trunk's dtype
@@ -219,6 +223,7 @@ def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto"
     from .device import inference_precision, precision_name
     from .head import Classifier, make_head
     from .load import load_dinov3
+    from .probes import KNNProbe, LinearProbe
     from .scratch import build_scratch
 
     device = torch.device(device)
@@ -244,8 +249,17 @@ def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto"
         model = model.to(device=device, dtype=parse_dtype(dtype) or torch.float32)
     else:
         backbone = load_dinov3(directory, dtype=weights_dtype, device=device)
-        head = make_head(h["in_dim"], len(names), dropout=h["dropout"])
-        head.load_state_dict(head_sd, strict=True)
+        kind = h.get("kind", "mlp")
+        if kind == "knn":
+            head = KNNProbe(head_sd["bank"], head_sd["labels"], len(names), k=h["k"], t=h["temperature"])
+        else:
+            head = LinearProbe(h["in_dim"], len(names)) if kind == "linear-probe" else \
+                make_head(h["in_dim"], len(names), dropout=h["dropout"])
+            try:
+                head.load_state_dict(head_sd, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"{directory / 'head.safetensors'} does not fit a {kind} head: "
+                                 f"{str(e).splitlines()[-1].strip()}") from None
         model = Classifier(backbone, head.to(device), pool=pre["pooling"])
     model.class_names, model.preprocessing = names, pre
     model.train_priors = block.get("train_priors") or [1 / len(names)] * len(names)

@@ -40,6 +40,14 @@ from .prior import correct
 
 
 # ----------------------------------------------------------------------------- run folders
+def run_weights_file(run) -> Path:
+    """What a run trained: RUN/probe.safetensors for a probe (probes.py), else RUN/adapter/adapter_model.safetensors."""
+    from .probes import PROBE_FILE
+
+    probe = Path(run) / PROBE_FILE
+    return probe if probe.is_file() else Path(run) / "adapter" / "adapter_model.safetensors"
+
+
 def read_run(run) -> tuple:
     """(TrainConfig, the run's config.json dict) of a folder train.py wrote; clear errors otherwise."""
     from .config import TrainConfig
@@ -47,8 +55,10 @@ def read_run(run) -> tuple:
     cfg_file = Path(run) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--run {run}: no config.json there (expected a folder written by train.py)")
-    if not (Path(run) / "adapter" / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"--run {run}: no adapter/adapter_model.safetensors (did the run finish an epoch?)")
+    weights = run_weights_file(run)
+    if not weights.is_file():
+        raise FileNotFoundError(f"--run {run}: no adapter/adapter_model.safetensors or {weights.name} (did the run "
+                                f"finish an epoch?)")
     saved = read_json(cfg_file)
     if not isinstance(saved.get("train"), dict) or not isinstance(saved.get("class_names"), list):
         raise CheckpointError(f"{cfg_file}: no `train` settings or `class_names`: not a config.json train.py wrote")
@@ -103,18 +113,18 @@ def run_train_priors(cfg, saved: dict) -> np.ndarray:
 
 def run_identity(run) -> str:
     """Which model a run folder predicts with: its adapter's content id (save.adapter_identity)."""
-    from .save import adapter_identity
+    from .save import file_identity
 
-    return adapter_identity(Path(run) / "adapter")[0]
+    return file_identity(run_weights_file(run))[0]
 
 
 def adapter_provenance(run) -> dict:
     """Which adapter of a run eval.py / predict.py score: {adapter_id, adapter_epoch, epochs_done, finished,
     note}. The note says which epoch's adapter it is when that is not simply the finished run's last one."""
-    from .save import adapter_identity
+    from .save import file_identity
 
     run = Path(run)
-    ident, epoch = adapter_identity(run / "adapter")
+    ident, epoch = file_identity(run_weights_file(run))
     done = 0
     try:
         for line in (run / "metrics.jsonl").read_text(errors="replace").splitlines():

@@ -33,7 +33,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint_format import atomic_write
-from .config import ADAPTER_METHODS, SCRATCH_METHODS, TrainConfig
+from .config import ADAPTER_METHODS, PROBE_METHODS, SCRATCH_METHODS, TrainConfig
 from .head import file_key
 
 
@@ -338,10 +338,13 @@ def adapter_card(cfg: TrainConfig, class_names: list[str], scores: dict) -> str:
 
 def load_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
     """The inverse of save_run_weights, into a model built with build_classifier(adapters=False)."""
+    from .probes import PROBE_FILE, load_probe
     from .save import load_adapter
 
     if cfg.method in SCRATCH_METHODS:
         model.load_state_dict(load_adapter(model, directory), strict=True)
+    elif cfg.method in PROBE_METHODS:  # RUN/probe.safetensors, beside adapter/
+        model.head = load_probe(Path(directory).parent / PROBE_FILE, cfg).to(next(model.backbone.parameters()).device)
     else:
         load_adapter(model.backbone, directory, trainable=False, head=model.head)
 

@@ -160,9 +160,14 @@ def tensors_id(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def adapter_identity(directory) -> tuple[str, int | None]:
-    """(id, epoch) of the adapter file in `directory`, from its metadata alone (header read, no tensor).
-    A file written before ids existed gets one from its header, size and modification time."""
-    w_path = Path(directory) / WEIGHTS_NAME
+    """(id, epoch) of the adapter file in `directory`, from its metadata alone (header read, no tensor)."""
+    return file_identity(Path(directory) / WEIGHTS_NAME)
+
+
+def file_identity(w_path) -> tuple[str, int | None]:
+    """(id, epoch) of a weights file nanopeft wrote (adapter, probe), from its metadata alone. A file written
+    before ids existed gets one from its header, size and modification time."""
+    w_path = Path(w_path)
     header = read_safetensors_header(w_path)
     epoch = header.metadata.get(EPOCH_META)
     epoch = int(epoch) if epoch is not None and epoch.isdigit() else None

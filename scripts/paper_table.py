@@ -2,7 +2,9 @@
 
     python scripts/paper_table.py --data data/train --test data/test [--out runs/paper] [--only qlora-q_proj-r8 ...]
 
-Each row is `train.py --preset NAME` then `eval.py --run RUN --data TEST`; finished rows are skipped
+Each row is `train.py --preset NAME` then `eval.py --run RUN --data TEST`, and two extra rows the study did
+not run: the frozen backbone's linear probe and k-NN (`--method linear-probe | knn`, fitted in seconds on
+cached features, nanopeft/probes.py); finished rows are skipped
 when the script is run again (their run folder already has metrics.json), so it can be resumed.
 Extra arguments after `--` go to train.py (e.g. `-- --weights weights/dinov3-vit7b16 --workers 8`).
 """
@@ -28,6 +30,7 @@ PUBLISHED = {"resnet18-scratch": 0.7287, "vit-small-scratch": 0.6191, "dinov3-fr
              "qlora-q_proj-r8": 0.7717, "qlora-q_proj-r16": 0.7838, "qlora-all-linear-r16": 0.8040,
              "qlora-all-linear-r64": 0.8316, "dora-q_proj-r8": 0.8153, "dora-q_proj-r16": 0.8103,
              "dora-all-linear-r16": 0.8123, "dora-all-linear-r64": 0.8314}
+EXTRA_ROWS = {"dinov3-linear-probe": ["--method", "linear-probe"], "dinov3-knn": ["--method", "knn"]}
 
 
 def row_markdown(name: str, run: Path) -> str:
@@ -48,17 +51,18 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="training pool (image folder or CSV)")
     p.add_argument("--test", required=True, help="test set (image folder or CSV)")
     p.add_argument("--out", default="runs/paper", help="folder for the 11 runs and table.md")
-    p.add_argument("--only", nargs="+", choices=sorted(PAPER_RUNS), help="a subset of the rows")
+    p.add_argument("--only", nargs="+", choices=sorted([*PAPER_RUNS, *EXTRA_ROWS]), help="a subset of the rows")
     args = p.parse_args(argv)
     out = Path(args.out)
     rows = []
-    for name in args.only or PAPER_RUNS:
+    for name in args.only or [*PAPER_RUNS, *EXTRA_ROWS]:
         run = out / name
         if not (run / "metrics.json").is_file():
             if not (run / "summary.json").is_file():
                 # a run folder with config.json resumes (from the beginning if no resume.pt was written yet)
                 resume = ["--resume", str(run)] if (run / "config.json").is_file() else ["--out", str(run)]
-                train.main(["--preset", name, "--data", args.data, *resume, *extra])
+                what = EXTRA_ROWS.get(name, ["--preset", name])
+                train.main([*what, "--data", args.data, *resume, *extra])
             evaluate.main(["--run", str(run), "--data", args.test])
         rows.append(row_markdown(name, run))
     table = "\n".join([

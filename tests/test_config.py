@@ -47,9 +47,9 @@ def test_to_dict_is_the_command_line_form_and_reads_back():
 
 
 def test_method_names_are_defined_once():
-    assert METHODS == ("lora", "dora", "frozen", "resnet18", "vit-small")
+    assert METHODS == ("lora", "dora", "frozen", "linear-probe", "knn", "resnet18", "vit-small")
     assert set(ADAPTER_METHODS) < set(DINO_METHODS) and not set(DINO_METHODS) & set(SCRATCH_METHODS)
-    assert {row["method"] for row in PAPER_RUNS.values()} == set(METHODS)
+    assert {row["method"] for row in PAPER_RUNS.values()} == set(METHODS) - {"linear-probe", "knn"}  # the study's rows
 
 
 @pytest.mark.parametrize("field,value", [("alpha", 0.0), ("alpha", -2.0), ("dropout", 1.0), ("dropout", -0.1),
@@ -104,7 +104,7 @@ def test_help_groups_every_flag_as_the_readme_table_and_shows_allowed_values():
         assert {n.replace("_", "-") for n in names} <= shown, (group, row)
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=root, capture_output=True, text=True).stdout
-    assert "--method {lora,dora,frozen,resnet18,vit-small}" in out and " STR" not in out
+    assert "--method {lora,dora,frozen,linear-probe,knn,resnet18,vit-small}" in out and " STR" not in out
     assert all(f"\n{g}:\n" in out for g in FLAG_GROUPS)
 
 
