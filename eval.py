@@ -362,8 +362,8 @@ def main(argv=None) -> dict:
     items, unseen = test_items(args, cfg0, saved0)
     # a --skip-bad run left its unreadable images out of its validation split, so does the rebuilt split
     items, skipped = readable(items, args.skip_bad or (args.split == "val" and cfg0.skip_bad))
+    cal, val = calibrated(args, adapters)  # before the test pass: its faults are one line, not hours later
     logits, wall, speed, packing = ensemble_logits(args, items, saved0["train"]["image_size"], names, device, amp)
-    cal, val = calibrated(args, adapters)
     probs = logits.softmax(-1)
     cprobs = cal.apply(logits).softmax(-1).float() if cal is not None else None  # calibrated posteriors
     fixed, info = prior_corrected(args, cprobs if cal is not None else probs, cal, val, cfg0, saved0, names)

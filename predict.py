@@ -66,20 +66,22 @@ def parse_args(argv):
 
 
 def load(args, device, amp):
-    """-> (model, class names, image size, training priors) from --run or --model."""
+    """-> (model, class names, image size, training priors, the calibration line or "") from --run or --model."""
     if args.model:
         from nanopeft.export import load_classifier
 
         model = load_classifier(args.model, device=device, precision=args.precision)
-        return model, model.class_names, model.preprocessing["image_size"], model.train_priors
+        return model, model.class_names, model.preprocessing["image_size"], model.train_priors, ""
     cfg, saved = read_run(args.run)
-    model, saved = run_classifier(args.run, device, amp, weights=args.weights, merge="yes")
-    priors = run_train_priors(cfg, saved)
-    if args.calibration != "none":  # the calibrated logits come out of the head itself
+    cal, why = None, ""
+    if args.calibration != "none":  # fitted first: its faults before the model is built
         cal, why, priors = run_calibration(args.run, args.calibration)
+    model, saved = run_classifier(args.run, device, amp, weights=args.weights, merge="yes")
+    if cal is not None:  # the calibrated logits come out of the head itself
         fold_into_head(model.head, cal)
-        print(why)
-    return model, saved["class_names"], cfg.image_size, priors
+    else:
+        priors = run_train_priors(cfg, saved)
+    return model, saved["class_names"], cfg.image_size, priors, why
 
 
 def calibration_kind(args) -> str:
@@ -115,14 +117,16 @@ def main(argv=None) -> dict:
         read_run(args.run)  # a folder that is no run: its one-line error before anything else
     identity = run_identity(args.run) if args.run else export_identity(args.model)
     args.calibration = calibration_kind(args)
+    note = check_resume(args.out, identity, precision, args.calibration) if not args.overwrite else None
+    model, names, size, priors, why = load(args, device, amp)  # before --overwrite removes anything
+    if rank == 0 and why:
+        print(why)
     if rank == 0 and args.overwrite:
         gone = remove_outputs(args.out)
         if gone:
             print(f"--overwrite: removed {', '.join(str(f) for f in gone)}")
     if args.overwrite and world > 1:
         torch.distributed.barrier()  # no rank reads the old CSV after rank 0 removed it
-    note = check_resume(args.out, identity, precision, args.calibration) if not args.overwrite else None
-    model, names, size, priors = load(args, device, amp)
     packing = prepack_for_inference(model, device, amp, args.batch_size, size, args.prepack == "auto")
     if rank == 0 and args.prior_correction == "em" and args.calibration == "none" \
             and (getattr(model, "calibration", None) or {}).get("kind", "none") == "none":
@@ -132,8 +136,10 @@ def main(argv=None) -> dict:
         print(packing)
         if note:
             print(note)
+        fitted = why.partition(": ")[2].split(" ")[0] if args.calibration == "auto" else args.calibration
         write_log(args.out, f"start identity={identity} precision={precision} calibration={args.calibration} "
-                            f"model={source} data={args.data} prior_correction={args.prior_correction}")
+                            f"calibration_fitted={fitted} model={source} data={args.data} "
+                            f"prior_correction={args.prior_correction}")
     summary = predict_to_csv(model, inputs, args.out, names, size, top_k=args.top_k, batch_size=args.batch_size,
                              workers=args.workers, device=device, amp=amp, prior=args.prior_correction,
                              train_priors=priors)

@@ -480,8 +480,9 @@ def build_model(cfg: TrainConfig, system: System, num_classes: int) -> tuple[nn.
         system.notes.append(plan_checkpointing(model, cfg, system.device, system.amp))
     except ValueError as e:
         fail(str(e))
-    if system.world == 1 or (cfg.method in FROZEN_METHODS and cfg.cache_features == "yes"):
-        return model, model  # (a cached frozen run wraps its head alone: use_feature_cache)
+    head_only = cfg.method in PROBE_METHODS or (cfg.method in FROZEN_METHODS and cfg.cache_features == "yes")
+    if system.world == 1 or head_only:
+        return model, model  # (a cached frozen run wraps its head alone: use_feature_cache; a probe nothing)
     # broadcast_buffers=False: the NF4 codes are buffers, identical on every rank
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[system.local] if system.device.type == "cuda"
                                               else None, broadcast_buffers=False)

@@ -12,11 +12,11 @@ and is fitted by minimising the mean negative log-likelihood of the validation l
 
 In the inverse temperature a = 1/T each g is linear in its parameters, so L is convex and L-BFGS (torch,
 float64) finds the global minimum. The logits are centred per row first (z − mean_k z_k): softmax ignores
-the constant for ts and bcts, and vs becomes a map of the log-probabilities, as in the reference code of
-Alexandari et al. (kundajelab/abstention). A free bias b makes the mean calibrated validation posterior
-equal the validation class frequencies at the optimum (∂L/∂b_k = mean_i (p_ik − y_ik) = 0), which is what
-label-shift EM needs of its source priors (nanopeft/prior.py; Garg et al., NeurIPS 2020: maximum-likelihood
-label-shift estimation is consistent only for calibrated posteriors).
+the constant for ts and bcts, and vs then does not depend on a constant added to a row. A free bias b
+makes the mean calibrated validation posterior equal the validation class frequencies at the optimum
+(∂L/∂b_k = mean_i (p_ik − y_ik) = 0), which is what label-shift EM needs of its source priors
+(nanopeft/prior.py; Garg et al., NeurIPS 2020: maximum-likelihood label-shift estimation is consistent only
+for calibrated posteriors).
 
     fit(kind, logits, labels)        -> Calibrator (kind, T, w, b; .apply(logits), .to_dict())
     choose(logits, labels)           -> the kind of lowest cross-validated NLL (`--calibration auto`)
@@ -86,8 +86,14 @@ def _check(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
     return z, y
 
 
+class Degenerate(ValueError):
+    """The NLL has no finite minimiser on these logits (separable, or no signal): nothing to fit."""
+
+
 def fit(kind: str, logits, labels) -> Calibrator:
-    """The `kind` map of lowest validation NLL (L-BFGS with strong-Wolfe line search, float64)."""
+    """The `kind` map of lowest validation NLL (L-BFGS with strong-Wolfe line search, float64). Raises
+    Degenerate where that minimum does not exist: when the map gets every fitting image right (each map
+    is a cone, so scaling it up lowers the NLL without end) or when 1/T would have to be <= 0."""
     if kind not in KINDS:
         raise ValueError(f"--calibration {kind!r}: choose one of {KINDS} or auto")
     z, y = _check(logits, labels)
@@ -114,17 +120,13 @@ def fit(kind: str, logits, labels) -> Calibrator:
         if last - loss < 1e-13:
             break
         last = loss
-    if kind != "vs" and float(a.detach()) <= 0:
-        # the optimum of the unconstrained fit lies at 1/T < 0 (the logits rank the classes the wrong way
-        # round, or carry no signal); T > 0 has its best at the boundary 1/T -> 0: constant logits (+ b)
-        with torch.no_grad():
-            a.fill_(1e-12)
-        if kind == "bcts":
-            a.requires_grad_(False)
-            opt = torch.optim.LBFGS([b], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                                    line_search_fn="strong_wolfe")
-            opt.step(closure)
+    if kind != "vs" and float(a.detach()) <= 0:  # the best "temperature" is negative or infinite
+        raise Degenerate(f"{kind}: the fitted 1/T is {float(a.detach()):.3g} <= 0 (the logits carry no usable "
+                         f"signal about these labels)")
     with torch.no_grad():
+        if bool(((zc * a + b).argmax(1) == y).all()):  # every item right: scaling the map up lowers L forever
+            raise Degenerate(f"{kind}: the map classifies every fitting image correctly, so the NLL has no "
+                             f"minimum (T -> 0, infinitely confident)")
         nll1 = float(torch.nn.functional.cross_entropy(zc * a + b, y))
         bias = (b - b.mean()).tolist()  # b is defined up to a common constant: report the centred one
     if kind == "vs":
@@ -134,27 +136,31 @@ def fit(kind: str, logits, labels) -> Calibrator:
 
 
 def folds_of(labels, folds: int, seed: int = 0) -> np.ndarray:
-    """A fold index per item, stratified: each class's items are shuffled (seeded) and dealt round-robin."""
+    """A fold index per item, stratified: each class's items are shuffled (seeded) and dealt round-robin,
+    the deal going on from class to class, so the folds differ in size by at most one."""
     y = np.asarray(labels)
-    out, rng = np.zeros(len(y), dtype=np.int64), np.random.default_rng(seed)
+    out, rng, start = np.zeros(len(y), dtype=np.int64), np.random.default_rng(seed), 0
     for k in np.unique(y):
         idx = np.flatnonzero(y == k)
-        out[rng.permutation(idx)] = np.arange(len(idx)) % folds
+        out[rng.permutation(idx)] = (start + np.arange(len(idx))) % folds
+        start += len(idx)
     return out
 
 
 def cross_validated_nll(kind: str, logits, labels, folds: int = 5, seed: int = 0) -> float:
-    """The mean NLL of each validation item under the `kind` map fitted on the other folds."""
+    """The mean NLL of each validation item under the `kind` map fitted on the other folds (Degenerate
+    when a fold's fit is)."""
     z, y = _check(logits, labels)
     f = folds_of(y.numpy(), folds, seed)
-    total = 0.0
+    total, scored = 0.0, 0
     for j in range(folds):
         held = torch.from_numpy(f == j)
         if held.all() or not held.any():
             continue
         c = fit(kind, z[~held], y[~held])
         total += float(torch.nn.functional.cross_entropy(c.apply(z[held]), y[held], reduction="sum"))
-    return total / len(y)
+        scored += int(held.sum())
+    return total / scored
 
 
 def choose(logits, labels, folds: int = 5, seed: int = 0) -> tuple[Calibrator, str]:
@@ -164,15 +170,25 @@ def choose(logits, labels, folds: int = 5, seed: int = 0) -> tuple[Calibrator, s
     z, y = _check(logits, labels)
     K = z.shape[1]
     counts = np.bincount(y.numpy(), minlength=K)
-    folds = int(max(2, min(folds, counts[counts > 0].min())))
+    folds = int(max(2, min(folds, len(y))))
     kinds = ["none", "ts"] + (["bcts", "vs"] if (counts > 0).all() else [])
-    cv = {k: cross_validated_nll(k, z, y, folds, seed) for k in kinds}
-    best = min(cv, key=cv.get)
-    c = fit(best, z, y)
-    c.nll["cross_validated"] = cv
-    why = (f"calibration auto: {best} ({folds}-fold cross-validated validation NLL "
-           + ", ".join(f"{k} {v:.4f}" for k, v in cv.items()) + ", lowest wins"
-           + ("" if len(kinds) == 4 else "; bcts and vs left out: a class has no validation image") + ")")
+    cv, left_out = {}, {} if (counts > 0).all() else {"bcts, vs": "a class has no validation image"}
+    for k in kinds:
+        try:
+            cv[k] = cross_validated_nll(k, z, y, folds, seed)
+        except Degenerate as e:
+            left_out[k] = str(e).partition(": ")[2]
+    order = sorted(cv, key=lambda k: (cv[k], KINDS.index(k)))  # ties: the simpler map
+    for best in order:
+        try:
+            c = fit(best, z, y)
+            break
+        except Degenerate as e:
+            left_out[best] = str(e).partition(": ")[2]
+    c.nll["cross_validated"] = {k: v for k, v in cv.items() if k not in left_out}
+    why = (f"calibration auto: {c.kind} ({folds}-fold cross-validated validation NLL "
+           + ", ".join(f"{k} {v:.4f}" for k, v in c.nll["cross_validated"].items()) + ", lowest wins"
+           + "".join(f"; {k} left out: {r}" for k, r in left_out.items()) + ")")
     return c, why
 
 
@@ -196,7 +212,11 @@ def calibrate(kind: str, logits, labels) -> tuple[Calibrator, str]:
         if (counts == 0).any():
             raise ValueError(f"--calibration {kind}: class(es) {np.flatnonzero(counts == 0).tolist()} have no "
                              f"validation image, so their bias cannot be fitted; use ts or auto")
-    c = fit(kind, logits, labels)
+    try:
+        c = fit(kind, logits, labels)
+    except Degenerate as e:
+        raise ValueError(f"--calibration {e}; calibrate on a validation split the model does not get all "
+                         f"right, or pass --calibration none") from None
     return c, (f"calibration {kind}: " + describe(c))
 
 
@@ -350,8 +370,8 @@ def runs_val_logits(runs: list, adapter_ids: list[str]) -> tuple[torch.Tensor, t
     for run, want in zip(runs, adapter_ids):
         z, y, paths, got = read_val_logits(run)
         if got != want:
-            raise ValueError(f"{Path(run) / VAL_LOGITS} was written for another adapter ({got or 'unrecorded'}) "
-                             f"than {Path(run) / 'adapter'} ({want}); train or resume the run again, or pass "
+            raise ValueError(f"{Path(run) / VAL_LOGITS} was written for other weights ({got or 'unrecorded'}) "
+                             f"than the run's kept ones ({want}); train or resume the run again, or pass "
                              f"--calibration none")
         if y0 is not None and (paths != paths0 or not torch.equal(y, y0)):
             raise ValueError(f"--ensemble with calibration: {run} validated on other images than {runs[0]} "

@@ -220,6 +220,11 @@ class TrainConfig:
             if getattr(c, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
         _resolve_performance(c)
+        if c.method in PROBE_METHODS:  # a probe fits once, unweighted, on every training image's cached features
+            for name, off in (("cache_features", "yes"), ("class_weights", "none"), ("sampler", "uniform")):
+                if getattr(c, name) != off:
+                    raise ValueError(f"--{name.replace('_', '-')} {getattr(c, name)}: --method {c.method} fits on the "
+                                     f"cached features of every training image once, unweighted; leave it at {off}")
         c.alpha = 2.0 * c.rank if c.alpha is None else c.alpha
         c.dropout = (0.1 if c.rank <= 8 else 0.05) if c.dropout is None else c.dropout
         check_ranges(c)

@@ -251,7 +251,7 @@ def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto"
         backbone = load_dinov3(directory, dtype=weights_dtype, device=device)
         kind = h.get("kind", "mlp")
         if kind == "knn":
-            head = KNNProbe(head_sd["bank"], head_sd["labels"], len(names), k=h["k"], t=h["temperature"])
+            head = KNNProbe(head_sd["bank"], head_sd["labels"], len(names), k=h.get("k", 20), t=h.get("temperature", 0.07))
         else:
             head = LinearProbe(h["in_dim"], len(names)) if kind == "linear-probe" else \
                 make_head(h["in_dim"], len(names), dropout=h["dropout"])
@@ -295,7 +295,7 @@ def _usage(block: dict, name: str) -> list[str]:
     tf = ["With transformers (the backbone; the head is a small MLP on its pooled feature):", "", "```python",
           "import torch, transformers", "from safetensors.torch import load_file",
           f'backbone = transformers.DINOv3ViTModel.from_pretrained("{name}").eval()'
-          + ("   # needs bitsandbytes" if block.get("quantize") else ""),
+          + ("   # needs: pip install bitsandbytes accelerate" if block.get("quantize") else ""),
           "head = torch.nn.Sequential(torch.nn.Linear(D, 1024), torch.nn.ReLU(), torch.nn.Dropout(),",
           "                           torch.nn.Linear(1024, 512), torch.nn.ReLU(), torch.nn.Dropout(),",
           f"                           torch.nn.Linear(512, {block['head']['num_classes']}))"
@@ -335,7 +335,12 @@ def model_card(run: Path, cfg, saved: dict, conf: dict, name: str) -> str:
               f"(`--method {cfg.method}`" + (f", rank {cfg.rank}, targets {cfg.targets}" if cfg.method in ("lora", "dora")
                                             else "") + ")" + (f" on `{block['base_model']}`." if block.get("base_model")
                                                               else ", trained from scratch."), ""]
-    if block["kind"] == "dinov3":
+    if block["kind"] == "dinov3" and block["head"].get("kind") in ("linear-probe", "knn"):
+        lines += [f"A frozen DINOv3 (`model.safetensors`, the hub's format) and a {block['head']['kind']} on its "
+                  f"pooled feature (`head.safetensors`" + (": the training images' unit feature vectors and labels, "
+                  f"k = {block['head'].get('k')}, T = {block['head'].get('temperature')}" if block['head']['kind'] == "knn"
+                                                          else ": one Linear") + ").", ""]
+    elif block["kind"] == "dinov3":
         lines += ["The adapters are merged into the backbone: `model.safetensors` is a plain DINOv3 ViT in the hub's "
                   "format" + (", its block Linears in NF4 (bitsandbytes' 4-bit serialisation)" if block.get("quantize")
                               else f", {conf.get('dtype')}") + ". The head is in `head.safetensors` (fp32).", ""]

@@ -58,7 +58,7 @@ def cache_key(cfg, train_samples, val_samples, views: int, amp) -> str:
 
 @torch.no_grad()
 def compute_features(backbone: nn.Module, dataset, pool: str, device, amp, rank: int = 0, world: int = 1,
-                     batch_size: int = 16, desc: str = "features") -> torch.Tensor:
+                     batch_size: int = 16, desc: str = "features", workers: int = 0) -> torch.Tensor:
     """(len(dataset), D) float32 features of every item, in eval mode; each rank computes items
     rank, rank + world, ... and an all-reduce (a sum of disjoint rows) gives every rank all of them."""
     was_training = backbone.training
@@ -67,6 +67,7 @@ def compute_features(backbone: nn.Module, dataset, pool: str, device, amp, rank:
     # a private generator: iterating a DataLoader otherwise draws its seed from the global RNG, and the
     # head's dropout masks after the cache would then differ from an uncached run's
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
+                                         num_workers=min(workers, os.cpu_count() or 1),
                                          generator=torch.Generator().manual_seed(0))
     rows = []
     for x, _ in tqdm(loader, desc=desc, unit="batch", disable=rank != 0, dynamic_ncols=True):
@@ -112,6 +113,25 @@ def write_cache(path: Path, tensors: dict, key: str, views: int, train_paths, va
     atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
 
 
+def _from_rank0(found: dict | None, device) -> dict | None:
+    """Every rank gets rank 0's cached tensors (or None when rank 0 found none): one decision for all."""
+    import torch.distributed as dist
+
+    names = ("train", "train_labels", "val", "val_labels")
+    shapes = [list(found[k].shape) for k in names] if found is not None else None
+    box = [shapes, [str(found[k].dtype) for k in names] if found is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return None
+    out = {}
+    for name, shape, dt in zip(names, box[0], box[1]):
+        t = found[name] if found is not None else torch.empty(shape, dtype=getattr(torch, dt.removeprefix("torch.")))
+        t = t.to(device)
+        dist.broadcast(t, src=0)
+        out[name] = t.cpu()
+    return out
+
+
 class FeatureDataset(torch.utils.data.Dataset):
     """(feature, label) rows standing in for ImageDataset's (pixels, label): the same length and index
     meaning, so the samplers and the training step are unchanged."""
@@ -152,19 +172,22 @@ def cached_features(cfg, model, train_ds, val_samples, out: Path, device, amp, r
     samples = train_ds.samples
     key = cache_key(cfg, samples, val_samples, views, amp)
     path = Path(out) / CACHE_FILE
-    found = read_cache(path, key)
+    found = read_cache(path, key) if rank == 0 else None
+    if world > 1:  # rank 0's folder decides (under --overwrite it is a staging folder the others do not see)
+        found = _from_rank0(found, device)
     dtype = torch.float16 if cfg.cache_dtype == "fp16" else torch.float32
     if found is None:
         train_ds.set_epoch(0)  # the views of the first epoch, kept
+        kw = dict(rank=rank, world=world, batch_size=cfg.eval_batch_size, workers=cfg.workers)
         if cfg.augment == "none":  # every view is the clean image: compute it once
             clean = compute_features(model.backbone, ImageDataset(samples, image_size=cfg.image_size), cfg.pool,
-                                     device, amp, rank, world, cfg.eval_batch_size, "features (clean)")
+                                     device, amp, desc="features (clean)", **kw)
             train = clean.repeat_interleave(views, dim=0)
         else:
-            train = compute_features(model.backbone, train_ds, cfg.pool, device, amp, rank, world,
-                                     cfg.eval_batch_size, f"features ({views} views)")
+            train = compute_features(model.backbone, train_ds, cfg.pool, device, amp,
+                                     desc=f"features ({views} views)", **kw)
         val = compute_features(model.backbone, ImageDataset(val_samples, image_size=cfg.image_size), cfg.pool,
-                               device, amp, rank, world, cfg.eval_batch_size, "features (val)")
+                               device, amp, desc="features (val)", **kw)
         found = {"train": train.to(dtype), "val": val.to(dtype),
                  "train_labels": torch.tensor([s.label for s in samples], dtype=torch.int64).repeat_interleave(views),
                  "val_labels": torch.tensor([s.label for s in val_samples], dtype=torch.int64)}

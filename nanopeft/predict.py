@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
 import time
@@ -147,10 +148,14 @@ def adapter_provenance(run) -> dict:
 
 
 def export_identity(directory) -> str:
-    """Which model an export folder predicts with: the adapter it was made from, its dtype and format."""
+    """Which model an export folder predicts with: the adapter it was made from, its dtype, format and
+    calibration."""
     block = read_json(Path(directory) / "config.json").get("nanopeft") or {}
     base = block.get("adapter_id") or "unrecorded"
-    return f"{base}/{block.get('dtype', 'float32')}" + ("/nf4" if block.get("quantize") else "")
+    cal = block.get("calibration") or {"kind": "none"}
+    cal_id = "" if cal.get("kind", "none") == "none" else "/" + cal["kind"] + "-" + \
+        hashlib.blake2b(json.dumps(cal, sort_keys=True).encode(), digest_size=4).hexdigest()
+    return f"{base}/{block.get('dtype', 'float32')}" + ("/nf4" if block.get("quantize") else "") + cal_id
 
 
 # ----------------------------------------------------------------------------- the log beside the CSV

@@ -51,8 +51,11 @@ class KNNProbe(nn.Module):
         self.num_classes, self.k, self.t = num_classes, min(k, len(labels)), t
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(feats.float(), dim=1)                            # (B, D)
-        sims, idx = (f @ self.bank.T).topk(self.k, dim=1)                 # (B, k) cosines of the k nearest
+        with torch.autocast(feats.device.type, enabled=False):          # fp32 cosines: bf16 would reorder neighbours
+            return self._vote(F.normalize(feats.float(), dim=1))
+
+    def _vote(self, f: torch.Tensor) -> torch.Tensor:
+        sims, idx = (f @ self.bank.float().T).topk(self.k, dim=1)         # (B, k) cosines of the k nearest
         votes = (sims / self.t).exp()                                    # exp(cos / T)
         scores = torch.zeros(len(f), self.num_classes, device=f.device).scatter_add_(1, self.labels[idx], votes)
         return (scores / scores.sum(1, keepdim=True)).clamp_min(1e-12).log()   # (B, C) log p
@@ -75,20 +78,26 @@ def fit_logistic(f: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float)
     return W.detach(), c.detach()
 
 
-def fit_linear_probe(train_f, train_y, val_f, val_y, num_classes: int) -> tuple[LinearProbe, dict]:
-    """The probe of best validation accuracy (ties: lower validation NLL) over LAMBDAS, and what each scored."""
+def fit_linear_probe(train_f, train_y, val_f, val_y, num_classes: int,
+                     select: str = "val_accuracy") -> tuple[LinearProbe, dict]:
+    """The probe of the best validation `select` (val_accuracy | val_macro_f1 | val_loss; ties: the lower
+    validation NLL) over LAMBDAS, and what each λ scored."""
+    from .metrics import compute_metrics
+
     mu, sd = train_f.double().mean(0), train_f.double().std(0).clamp_min(1e-6)
     ft, fv = (train_f.double() - mu) / sd, (val_f.double() - mu) / sd
     grid, best = {}, None
     for lam in LAMBDAS:
         W, c = fit_logistic(ft, train_y.long(), num_classes, lam)
         logits = fv @ W.T + c
-        acc = float((logits.argmax(1) == val_y).double().mean()) if len(val_y) else 0.0
+        m = compute_metrics(val_y.numpy(), logits.argmax(1).numpy(), num_classes=num_classes)
         nll = float(F.cross_entropy(logits, val_y.long())) if len(val_y) else 0.0
-        grid[f"{lam:g}"] = {"val_accuracy": acc, "val_nll": nll}
-        if best is None or (acc, -nll) > (best[0], -best[1]):
-            best = (acc, nll, lam, W, c)
-    acc, nll, lam, W, c = best
+        scores = {"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"], "val_loss": nll}
+        grid[f"{lam:g}"] = scores
+        key = (-nll, -nll) if select == "val_loss" else (scores[select], -nll)
+        if best is None or key > best[0]:
+            best = (key, lam, W, c)
+    _, lam, W, c = best
     probe = LinearProbe(train_f.shape[1], num_classes)
     with torch.no_grad():  # logits = W (f − μ)/σ + c = (W/σ) f + (c − (W/σ)·μ)
         probe.linear.weight.copy_((W / sd).float())
@@ -137,6 +146,6 @@ def load_probe(path, cfg) -> nn.Module:
 def fit_probe(cfg, train_f, train_y, val_f, val_y, num_classes: int) -> tuple[nn.Module, dict]:
     """--method linear-probe | knn on cached features -> (head module, what to record)."""
     if cfg.method == "linear-probe":
-        return fit_linear_probe(train_f, train_y, val_f, val_y, num_classes)
+        return fit_linear_probe(train_f, train_y, val_f, val_y, num_classes, cfg.select_metric)
     head = KNNProbe(train_f, train_y, num_classes, k=cfg.knn_k, t=cfg.knn_temperature)
     return head, {"k": head.k, "temperature": cfg.knn_temperature, "num_classes": num_classes, "bank": len(train_y)}

@@ -157,7 +157,9 @@ def read_run_config(run, flag: str = "--run") -> tuple[TrainConfig, dict]:
         raise RunError(f"{flag} {run}: no config.json there (is it a run folder?)")
     try:
         saved = json.loads(path.read_text())
-        return TrainConfig(**saved["train"]), saved
+        # a run recorded before the feature cache existed trained its frozen backbone uncached: it resumes so
+        train = {"cache_features": "no", **saved["train"]}
+        return TrainConfig(**train), saved
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path}: not a train.py config.json ({e})") from None
 

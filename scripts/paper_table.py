@@ -40,7 +40,7 @@ def row_markdown(name: str, run: Path) -> str:
     adapted = t["method"] in ADAPTER_METHODS
     return (f"| {name} | {t['method']} | {t['targets'] if adapted else '-'} | {t['rank'] if adapted else '-'} | "
             f"{cfg['parameters']['trainable']:,} | {s['train_time_s'] / 60:.1f} | {m['accuracy']:.4f} | "
-            f"{PUBLISHED.get(name, float('nan')):.4f} | {m['weighted_f1']:.4f} | {m['macro_f1']:.4f} | "
+            f"{f'{PUBLISHED[name]:.4f}' if name in PUBLISHED else '—'} | {m['weighted_f1']:.4f} | {m['macro_f1']:.4f} | "
             f"{s['peak_memory_mb'] / 1024:.1f} |")
 
 

@@ -97,7 +97,7 @@ def test_a_class_without_validation_images_rules_out_its_bias():
     with pytest.raises(ValueError, match=r"class\(es\) \[2\] have no validation image"):
         calibrate("bcts", z, y)
     c, why = calibrate("auto", z, y)
-    assert c.kind in ("none", "ts") and "bcts and vs left out" in why
+    assert c.kind in ("none", "ts") and "bcts, vs left out: a class has no validation image" in why
 
 
 # ----------------------------------------------------------------------------- label shift, known answer
@@ -178,6 +178,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def harder_copy(run0, tmp_path):
+    """A copy of a tiny run whose six validation images the model gets all right, which leaves no
+    calibration to fit (T -> 0): its stored logits twice over, the copies labelled one class on."""
+    import shutil
+
+    from nanopeft.calibration import read_val_logits, save_val_logits
+    from nanopeft.save import adapter_identity
+
+    run = tmp_path / "harder"
+    shutil.copytree(run0, run)
+    z, y, paths, _ = read_val_logits(run)
+    save_val_logits(run, torch.cat([z, z]), torch.cat([y, (y + 1) % 3]), paths + paths,
+                    adapter_identity(run / "adapter")[0])
+    return run
+
+
 @pytest.mark.slow
 def test_eval_calibrates_on_the_stored_validation_logits(tiny_run, tmp_path, capsys):
     import shutil
@@ -199,6 +215,13 @@ def test_eval_calibrates_on_the_stored_validation_logits(tiny_run, tmp_path, cap
     x = torch.stack([ImageDataset(val, image_size=32)[i][0] for i in range(len(val))])
     with torch.no_grad():
         assert (model(x) - z).abs().max() < 1e-3
+    from nanopeft.calibration import save_val_logits
+    from nanopeft.save import adapter_identity
+
+    # six validation images are easy to get all right, and then no calibration exists (T -> 0): the stored
+    # logits twice over, the copies labelled one class on, give the fits a minimum to find
+    save_val_logits(run, torch.cat([z, z]), torch.cat([y, (y + 1) % 3]), paths + paths,
+                    adapter_identity(run / "adapter")[0])
     test = make_demo_dataset(tmp_path / "test", num_classes=3, per_class=4, size=(40, 32), seed=9)
     args = ["--run", str(run), "--data", str(test), "--workers", "0", "--speed-reps", "0"]
     m = evaluate.main([*args, "--calibration", "bcts", "--prior-correction", "em", "--out", str(tmp_path / "e/")])
@@ -217,12 +240,10 @@ def test_eval_calibrates_on_the_stored_validation_logits(tiny_run, tmp_path, cap
     with pytest.raises(SystemExit):
         evaluate.main(["--run", str(run), "--split", "val", "--calibration", "ts", "--workers", "0", "--speed-reps", "0"])
     assert "its own fitting data" in capsys.readouterr().err
-    from nanopeft.calibration import save_val_logits
-
     save_val_logits(run, z, y, paths, "another")
     with pytest.raises(SystemExit):
         evaluate.main([*args, "--calibration", "ts", "--out", str(tmp_path / "b/")])
-    assert "another adapter" in capsys.readouterr().err
+    assert "written for other weights" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -237,7 +258,7 @@ def test_predict_and_export_use_the_same_calibration_as_eval(tiny_run, tmp_path,
     from nanopeft.export import load_classifier
     from nanopeft.predict import run_classifier
 
-    run = tiny_run("lora")
+    run = harder_copy(tiny_run("lora"), tmp_path)
     cal, _, source = run_calibration(run, "bcts")
     model, _ = run_classifier(run, torch.device("cpu"))
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -265,3 +286,23 @@ def test_predict_and_export_use_the_same_calibration_as_eval(tiny_run, tmp_path,
         predict.main(["--model", str(tmp_path / "x"), "--calibration", "ts", "--data", str(data), "--out",
                       str(tmp_path / "y.csv"), "--workers", "0"])
     assert "export.py --calibration" in capsys.readouterr().err
+
+
+def test_separable_validation_logits_have_no_calibration_and_auto_says_so():
+    z = torch.eye(3).repeat(10, 1) * 5.0  # every validation image right, by a margin
+    y = torch.arange(3).repeat(10)
+    with pytest.raises(ValueError, match="NLL has no minimum"):
+        calibrate("ts", z, y)
+    c, why = calibrate("auto", z, y)
+    assert c.kind == "none" and "ts left out: the map classifies every fitting image correctly" in why
+
+
+def test_folds_are_even_and_stratified_even_with_one_image_per_class():
+    from nanopeft.calibration import cross_validated_nll, folds_of
+
+    f = folds_of(np.repeat(np.arange(3), 7), 5)
+    assert sorted(np.bincount(f).tolist()) == [4, 4, 4, 4, 5]
+    f1 = folds_of(np.arange(6), 5)  # one image per class: still five folds, none empty
+    assert set(f1.tolist()) == set(range(5))
+    z = np.random.default_rng(0).normal(size=(6, 6))
+    assert cross_validated_nll("none", z, np.arange(6)) > 0  # every item scored once, not 0 / n

@@ -67,6 +67,7 @@ def test_nf4_export_loads_in_transformers_bitsandbytes_and_nanopeft(dense, tmp_p
     export_run(run, out, quantize="nf4")
     conf = json.loads((out / "config.json").read_text())
     assert conf["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert "pip install bitsandbytes accelerate" in (out / "README.md").read_text()  # every package it needs
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("layer.0.mlp.up_proj.weight").dtype == torch.uint8
@@ -260,3 +261,51 @@ def test_written_files_get_the_default_mode(dense):
     for f in [run / "adapter" / "adapter_model.safetensors", run / "config.json", out / "model.safetensors",
               out / "head.safetensors"]:
         assert (f.stat().st_mode & 0o777) == 0o666 & ~umask, f
+
+
+def test_results_say_which_adapter_produced_them(dense, tmp_path, capsys):
+    """eval.py names the epoch of the adapter it scores when the run is not simply finished, and records
+    its id; the export's card shows test metrics only for the adapter exported; predict.py refuses to
+    resume a CSV another model wrote and counts rows with an error."""
+    import csv
+    import shutil
+
+    import eval as evaluate
+    import predict
+    from nanopeft.data import make_demo_dataset
+    from nanopeft.run import save_run_weights
+    from nanopeft.predict import read_run, run_classifier
+    from nanopeft.save import adapter_identity
+
+    run0, out0 = dense
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    (run / "summary.json").unlink()  # as if still training
+    data = make_demo_dataset(tmp_path / "imgs", num_classes=3, per_class=2, size=(40, 32), seed=4)
+    m = evaluate.main(["--run", str(run), "--data", str(data), "--workers", "0", "--speed-reps", "0"])
+    printed = capsys.readouterr().out
+    ident, epoch = adapter_identity(run / "adapter")
+    assert "still training" in printed and f"epoch {epoch}'s adapter" in printed
+    assert m["adapter_id"] == ident and m["adapter_epoch"] == epoch == 1
+    export.main(["--run", str(run), "--out", str(tmp_path / "x1")])
+    assert "- test (" in (tmp_path / "x1" / "README.md").read_text()
+    cfg, saved = read_run(run)  # a later epoch's adapter replaces the scored one
+    model, _ = run_classifier(run, torch.device("cpu"), merge="no")
+    with torch.no_grad():
+        model.head[0].bias.add_(0.1)
+    save_run_weights(model, cfg, run / "adapter", saved["class_names"], {"epoch": 2})
+    export.main(["--run", str(run), "--out", str(tmp_path / "x2")])
+    card = (tmp_path / "x2" / "README.md").read_text()
+    assert "scored another adapter" in card and "- test (" not in card
+    # predict.py: the same --out with another model is refused; --overwrite replaces it; errors counted
+    (data / "class_0" / "broken.jpg").write_text("not an image")
+    out = tmp_path / "p.csv"
+    s = predict.main(["--run", str(run), "--data", str(data), "--out", str(out), "--workers", "0"])
+    assert s["errors"] == 1 and "1 with an error" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        predict.main(["--model", str(tmp_path / "x2"), "--data", str(data), "--out", str(out), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert "written by another model" in err and "--overwrite" in err
+    predict.main(["--model", str(tmp_path / "x2"), "--data", str(data), "--out", str(out), "--workers", "0",
+                  "--overwrite"])
+    assert len(list(csv.DictReader(open(out)))) == 7 and (tmp_path / "p.csv.log").read_text().count(" start ") == 1

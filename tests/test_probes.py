@@ -101,7 +101,11 @@ def test_probe_runs_go_through_every_script(tmp_path, train_images, tiny_ckpt, m
             evaluate.main(["--run", str(out), "--data", str(test), "--workers", "0", "--speed-reps", "0",
                            "--calibration", "ts", "--out", str(tmp_path / "c/")])
         assert "k-NN" in capsys.readouterr().err
-    else:
+    else:  # (a tiny validation split the probe gets all right has no calibration: make it harder)
+        from nanopeft.calibration import read_val_logits, save_val_logits
+
+        z, y, paths, ident = read_val_logits(out)
+        save_val_logits(out, torch.cat([z, z]), torch.cat([y, (y + 1) % 3]), paths + paths, ident)
         m = evaluate.main(["--run", str(out), "--data", str(test), "--workers", "0", "--speed-reps", "0",
                            "--calibration", "ts", "--out", str(tmp_path / "c/")])
         assert m["calibration"]["kind"] == "ts"
@@ -121,3 +125,20 @@ def test_knn_bank_gathered_from_two_processes_equals_one(tmp_path, train_images,
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(tmp_path / "one" / "probe.safetensors"), load_file(tmp_path / "two" / "probe.safetensors")
     assert torch.equal(a["labels"], b["labels"]) and (a["bank"] - b["bank"]).abs().max() < 1e-5
+
+
+def test_knn_votes_in_fp32_under_autocast():
+    bank, labels = blobs(30, seed=4)
+    knn = KNNProbe(bank, labels, 3, k=5)
+    q, _ = blobs(4, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = knn(q)
+    assert got.dtype == torch.float32 and torch.allclose(got, knn(q))
+
+
+def test_probes_refuse_what_they_cannot_honour():
+    from nanopeft.config import TrainConfig
+
+    for field, value in (("class_weights", "balanced"), ("sampler", "balanced"), ("cache_features", "no")):
+        with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} {value}: --method knn"):
+            TrainConfig(method="knn", **{field: value}).resolved()
