@@ -178,7 +178,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def harder_copy(run0, tmp_path):
+def harder_copy(run0, tmp_path, name="harder"):
     """A copy of a tiny run whose six validation images the model gets all right, which leaves no
     calibration to fit (T -> 0): its stored logits twice over, the copies labelled one class on."""
     import shutil
@@ -186,7 +186,7 @@ def harder_copy(run0, tmp_path):
     from nanopeft.calibration import read_val_logits, save_val_logits
     from nanopeft.save import adapter_identity
 
-    run = tmp_path / "harder"
+    run = tmp_path / name
     shutil.copytree(run0, run)
     z, y, paths, _ = read_val_logits(run)
     save_val_logits(run, torch.cat([z, z]), torch.cat([y, (y + 1) % 3]), paths + paths,
@@ -306,3 +306,17 @@ def test_folds_are_even_and_stratified_even_with_one_image_per_class():
     assert set(f1.tolist()) == set(range(5))
     z = np.random.default_rng(0).normal(size=(6, 6))
     assert cross_validated_nll("none", z, np.arange(6)) > 0  # every item scored once, not 0 / n
+
+
+@pytest.mark.slow
+def test_an_ensemble_calibrates_its_averaged_logits(tiny_run, tmp_path):
+    import eval as evaluate
+    from nanopeft.calibration import read_val_logits
+    from nanopeft.data import make_demo_dataset
+
+    a, b = harder_copy(tiny_run("lora"), tmp_path, "a"), harder_copy(tiny_run("dora"), tmp_path, "b")
+    (za, y, _, _), (zb, _, _, _) = read_val_logits(a), read_val_logits(b)
+    test = make_demo_dataset(tmp_path / "test", num_classes=3, per_class=2, size=(40, 32), seed=2)
+    m = evaluate.main(["--ensemble", str(a), str(b), "--data", str(test), "--calibration", "ts", "--workers", "0",
+                       "--speed-reps", "0", "--out", str(tmp_path / "e/")])
+    assert m["calibration"]["T"] == pytest.approx(fit("ts", (za.double() + zb.double()) / 2, y).T, rel=1e-6)
