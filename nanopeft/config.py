@@ -278,7 +278,7 @@ def check_ranges(c: "TrainConfig") -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in {interval}, got {v!r}")
 GRAD_CHECKPOINTING = ("all", "none", "auto")
 DORA_DROPOUT_MODES = ("peft", "lora")  # docs/DORA.md ("Dropout semantics")
-DROPOUT_SAMPLERS = ("torch", "bits")   # nn.Dropout (PEFT's masks) | BitsDropout (nanopeft/lora.py)
+DROPOUT_SAMPLERS = ("torch", "bits")   # nn.Dropout (PEFT's masks) | BitsDropout (nanopeft/dropout.py)
 
 
 def _resolve_performance(c: TrainConfig) -> None:

@@ -35,69 +35,17 @@ import weakref
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import DORA_DROPOUT_MODES
 from .device import host_reads_are_free
-from .lora import (AdapterBase, base_device, base_weight, dropout_active, frozen_matmul, merged_layer,
-                   output_dtype)
+from .dropout import dropout_active
+from .lora import LoRALinear, base_device, base_weight, merged_layer
+from .nf4_linear import NF4Linear
 
 
 
-# ---- fast path: the norm without forming W0 + s·BA (docs/DORA.md "The column norm without
-# materialising W") ------------------------------------------------------------------------------------
-#
-# PEFT builds the dense (out, in) matrix W0 + s·BA every step (plus an identity matrix to get BA).
-# Expanded row by row,
-#
-#     ‖W0_i + s(BA)_i‖² = ‖W0_i‖² + 2s·⟨(W0 Aᵀ)_i, B_i⟩ + s²·⟨B_i (A Aᵀ), B_i⟩
-#
-# needs ‖W0_i‖² (cached: W0 is frozen), A Aᵀ (r, r) and W0 Aᵀ (out, r). W0 Aᵀ is the one product with
-# W0, and it rides along with the base matmul: the r rows of A are appended to the batch,
-#
-#     [x; x̃; A] W0ᵀ = [x W0ᵀ; x̃ W0ᵀ; A W0ᵀ]        (x̃ rows only in "peft" mode with active dropout)
-#
-# For an NF4 base, W0 is the dequantized weight the base forward multiplies with. In a bf16 compute
-# dtype A W0ᵀ is a bf16 product; it only enters the cross term, which moves n by ~1e-5 relative, far
-# below the bf16 rounding of the output.
-
-# A row whose squared norm is below this fraction of ‖W0_i‖² + s²‖(BA)_i‖² has lost most of its
-# digits to cancellation in the expanded sum (s·BA pointing against W0): recompute it densely.
-# Above it, the expanded sum's relative error is at most ~8× that of its terms.
-CANCELLATION = 0.25
-# On the CPU the cancelling rows are found exactly (a nonzero()). On an accelerator that would be a host
-# sync in every DoRA layer's forward (the host reads how many rows there are), so there the DENSE_ROWS
-# rows of lowest ratio are recomputed densely on every call instead: a fixed-size top-k, no sync. Every
-# cancelling row is among them unless more than DENSE_ROWS rows of one layer cancel; those left out are
-# then the mildest (highest ratio) of them, and keep the expanded sum's value.
-DENSE_ROWS = 32
-
-
-def _state_key(module: nn.Module):
-    """Identifies the current values of a module's tensors: each tensor (by weak reference, so a new
-    tensor that reuses a freed address is not taken for the old one) and its in-place version counter.
-
-    load_state_dict copies in place (bumps _version) or assigns new tensors (the old refs go dead).
-    Inference-mode tensors keep no version counter: then there is no key and no caching.
-    """
-    try:
-        return tuple((weakref.ref(t), t._version) for t in (*module.parameters(), *module.buffers()))
-    except RuntimeError:
-        return None
-
-
-def _kept_for_backward():
-    """Tensors saved for backward inside this context are held as they are, even inside a checkpointed
-    block: the innermost saved-tensor hooks win, and these keep the tensor instead of dropping it for
-    recomputation. Outside checkpointing autograd keeps them anyway, so nothing changes there."""
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-
-
-def _same_state(a, b) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and \
-        all(ra() is not None and ra() is rb() and va == vb for (ra, va), (rb, vb) in zip(a, b))
-
-
-class DoRALinear(AdapterBase):
+class DoRALinear(LoRALinear):
     """y = g ⊙ (x W0ᵀ + s·x AᵀBᵀ) + b with g = m / sg(‖W0 + s·BA‖_row), wrapping a frozen linear layer."""
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -242,3 +190,75 @@ class DoRALinear(AdapterBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", dora_dropout={self.dora_dropout!r}"
+
+
+# ---- fast path: the norm without forming W0 + s·BA (docs/DORA.md "The column norm without
+# materialising W") ------------------------------------------------------------------------------------
+#
+# PEFT builds the dense (out, in) matrix W0 + s·BA every step (plus an identity matrix to get BA).
+# Expanded row by row,
+#
+#     ‖W0_i + s(BA)_i‖² = ‖W0_i‖² + 2s·⟨(W0 Aᵀ)_i, B_i⟩ + s²·⟨B_i (A Aᵀ), B_i⟩
+#
+# needs ‖W0_i‖² (cached: W0 is frozen), A Aᵀ (r, r) and W0 Aᵀ (out, r). W0 Aᵀ is the one product with
+# W0, and it rides along with the base matmul: the r rows of A are appended to the batch,
+#
+#     [x; x̃; A] W0ᵀ = [x W0ᵀ; x̃ W0ᵀ; A W0ᵀ]        (x̃ rows only in "peft" mode with active dropout)
+#
+# For an NF4 base, W0 is the dequantized weight the base forward multiplies with. In a bf16 compute
+# dtype A W0ᵀ is a bf16 product; it only enters the cross term, which moves n by ~1e-5 relative, far
+# below the bf16 rounding of the output.
+
+# A row whose squared norm is below this fraction of ‖W0_i‖² + s²‖(BA)_i‖² has lost most of its
+# digits to cancellation in the expanded sum (s·BA pointing against W0): recompute it densely.
+# Above it, the expanded sum's relative error is at most ~8× that of its terms.
+CANCELLATION = 0.25
+# On the CPU the cancelling rows are found exactly (a nonzero()). On an accelerator that would be a host
+# sync in every DoRA layer's forward (the host reads how many rows there are), so there the DENSE_ROWS
+# rows of lowest ratio are recomputed densely on every call instead: a fixed-size top-k, no sync. Every
+# cancelling row is among them unless more than DENSE_ROWS rows of one layer cancel; those left out are
+# then the mildest (highest ratio) of them, and keep the expanded sum's value.
+DENSE_ROWS = 32
+
+
+def _state_key(module: nn.Module):
+    """Identifies the current values of a module's tensors: each tensor (by weak reference, so a new
+    tensor that reuses a freed address is not taken for the old one) and its in-place version counter.
+
+    load_state_dict copies in place (bumps _version) or assigns new tensors (the old refs go dead).
+    Inference-mode tensors keep no version counter: then there is no key and no caching.
+    """
+    try:
+        return tuple((weakref.ref(t), t._version) for t in (*module.parameters(), *module.buffers()))
+    except RuntimeError:
+        return None
+
+
+def _kept_for_backward():
+    """Tensors saved for backward inside this context are held as they are, even inside a checkpointed
+    block: the innermost saved-tensor hooks win, and these keep the tensor instead of dropping it for
+    recomputation. Outside checkpointing autograd keeps them anyway, so nothing changes there."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
+def _same_state(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and \
+        all(ra() is not None and ra() is rb() and va == vb for (ra, va), (rb, vb) in zip(a, b))
+
+
+# ---- the frozen product in the base layer's own arithmetic (DoRA's second pass needs it alone) -----
+
+def output_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype base(x) returns: the autocast dtype if autocast is on, else the base's compute dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return base.compute_dtype if isinstance(base, NF4Linear) else base.weight.dtype
+
+
+def frozen_matmul(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x W0ᵀ, without the bias, computed the way the base layer computes it: in its dtype (or the
+    autocast dtype), and for NF4 through NF4Matmul, whose backward re-dequantizes W0 instead of
+    keeping a full-precision copy alive."""
+    if isinstance(base, NF4Linear):
+        return base.matmul(x, bias=False)
+    return F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(base.weight.dtype), base.weight)

@@ -76,7 +76,7 @@ def add_adapters(model: nn.Module, *, method: str = "lora", rank: int, alpha: fl
 
     dora_dropout: "peft" (PEFT's semantics, the default) or "lora" (dropout on the low-rank path only,
     one frozen pass); see nanopeft/dora.py. dropout_sampler: "torch" (nn.Dropout: PEFT's masks under
-    the same seed) or "bits" (the same Bernoulli law, drawn faster; nanopeft/lora.py BitsDropout).
+    the same seed) or "bits" (the same Bernoulli law, drawn faster; nanopeft/dropout.py BitsDropout).
 
     Returns the number of trainable parameters, i.e. of the adapters: r·(in + out) per layer, plus
     `out` per layer for DoRA's magnitude (ViT-7B q_proj r=8: 2,621,440 LoRA, 2,785,280 DoRA).

@@ -322,7 +322,7 @@ def test_lora_dropout_mode_multiplies_with_w0_once(monkeypatch):
 
 
 def test_lora_mode_folds_the_dropout_scale_onto_the_rank_r_tensor(monkeypatch):
-    """In "lora" mode with BitsDropout, s/(1 − p) scales A x̃ (AdapterBase.lowrank_folded, as for LoRA);
+    """In "lora" mode with BitsDropout, s/(1 − p) scales A x̃ (LoRALinear.lowrank_folded, as for LoRA);
     "peft" mode needs x̃ itself for its second frozen product, and nn.Dropout draws its own mask: neither
     folds. test_fast_forward_equals_textbook_eq5[...-bits-lora-0.3-...] checks the folded numbers."""
     calls, folded = [], DoRALinear.lowrank_folded

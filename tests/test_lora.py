@@ -16,7 +16,8 @@ from conftest import ADAPTER_R as R
 from conftest import assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4, make_linear, peft_layer
 
 from nanopeft.inject import add_adapters, merge_adapters
-from nanopeft.lora import SKIPS_MAX_P, BitsDropout, LoRALinear, keep_mask, skips_keep_mask
+from nanopeft.dropout import SKIPS_MAX_P, BitsDropout, keep_mask, skips_keep_mask
+from nanopeft.lora import LoRALinear
 from nanopeft.nf4_linear import NF4Linear
 
 

@@ -145,7 +145,7 @@ def test_auto_checkpoints_the_fewest_blocks_that_fit_the_budget():
 
 def test_the_config_reaches_the_adapters():
     from nanopeft.inject import adapter_layers
-    from nanopeft.lora import BitsDropout
+    from nanopeft.dropout import BitsDropout
 
     for mode, sampler, kind in [("lora", "torch", torch.nn.Dropout), ("peft", "bits", BitsDropout)]:
         cfg = TrainConfig(weights="w/dinov3-vits16", method="dora", rank=4, targets="q_proj", dora_dropout=mode,
