@@ -198,6 +198,9 @@ def dry_run(cfg: TrainConfig) -> None:
     print(f"head parameters:      {counts['head']:,}")
     print(f"trainable parameters: {counts['trainable']:,}")
     print(f"total parameters:     {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.2f}% trainable)")
+    if cfg.method in FROZEN_METHODS and cfg.cache_features == "yes":
+        print("memory: the backbone only runs forward, without gradients, to fill the feature cache "
+              "(nanopeft/features.py); the model below is of a training step through it, an upper bound here")
     if cfg.method in DINO_METHODS:
         print_memory_model(model, cfg)
 
@@ -649,7 +652,8 @@ def log_setup(log: RunLog, cfg: TrainConfig, system: System, scaler, data: Data,
     for note in system.notes:
         log.say(note)
     log.say(f"data: {data.n_train} train / {data.n_val} val images, {len(data.class_names)} classes, "
-            f"×{cfg.multiplier} per epoch → {len(data.train_ds)} samples, {n} micro-batches of {cfg.batch_size}")
+            f"×{len(data.train_ds) // max(1, data.n_train)} per epoch → {len(data.train_ds)} samples, "
+            f"{n} micro-batches of {cfg.batch_size}")
     log.say(f"parameters: adapter {counts['adapter']:,} + head {counts['head']:,} = {counts['trainable']:,} "
             f"trainable of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.3f}%)")
     log.say(f"optimizer: AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, batch {cfg.batch_size}×{cfg.grad_accum}, "

@@ -60,7 +60,9 @@ def test_the_cache_holds_every_view_is_reused_and_never_stale(tmp_path, train_im
     assert not torch.equal(train_f[0], train_f[1])  # view 1 is augmented
     key, mtime = meta["key"], f.stat().st_mtime_ns
     train.main(["--resume", str(out), "--max-steps", "4"])  # the resumed run reads the same file
-    assert f.stat().st_mtime_ns == mtime and "feature cache: reused" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert f.stat().st_mtime_ns == mtime and "feature cache: reused" in log
+    assert "×2 per epoch" in log and "×3 per epoch" not in log  # the cache's views, not --multiplier
     from nanopeft.config import TrainConfig
     from nanopeft.data import training_pool
     from nanopeft.features import cache_key
