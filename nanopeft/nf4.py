@@ -27,7 +27,9 @@ exactly halfway between two codes takes the lower one; the 8-bit code of c is bi
 (a 65 536-entry table, not an exact nearest search); Ŵ is an fp32 product rounded once to its dtype
 (docs/NF4.md ("Rounding rules that make it bit-exact")).
 
-This file is the readable reference and the CPU path, built from torch ops; it imports no layer.
+The first section below writes the format out in plain torch (quantize_plain, dequantize_plain,
+quantize_8bit_plain); the fenced fast path after it computes the same bytes and is what runs on the CPU;
+it imports no layer.
 On a GPU, nf4_cuda.py runs the same arithmetic as CUDA kernels (nanopeft/kernels/nf4.cu), and a
 test proves the two equal bit for bit.
 """
@@ -65,6 +67,71 @@ def dynamic_map() -> torch.Tensor:
         vals += levels.tolist() + (-levels).tolist()
     return torch.tensor(sorted(vals), dtype=torch.float32)
 
+
+# ============================================================================ NF4 in plain torch (read this)
+# The whole format in four short functions: what the fast path below computes, byte for byte
+# (tests/test_nf4.py::test_plain_and_fast_paths_are_byte_identical). quantize_nf4 runs the fast one.
+
+def nf4_thresholds() -> torch.Tensor:
+    """The 15 decision thresholds: the midpoints between neighbouring NF4 codes."""
+    codes = torch.tensor(NF4_CODES, dtype=torch.float32)
+    return (codes[:-1] + codes[1:]) / 2
+
+
+def quantize_plain(tensor: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (packed codes uint8 [(n+1)//2, 1], absmax c fp32 [nblocks]): QLoRA Eq. 1 and 4, blockwise."""
+    x = tensor.detach().reshape(-1).float()                       # blocks run over the flattened tensor
+    n, nb = x.numel(), -(-x.numel() // blocksize)
+    xb = F.pad(x, (0, nb * blocksize - n)).view(nb, blocksize)    # (nblocks, blocksize), zero-padded
+    c = xb.abs().amax(1)                                          # c_b = max |W_block|            (Eq. 1)
+    scaled = xb * (1.0 / c.clamp(min=1e-38))[:, None]             # W_i / c_b: bnb multiplies by 1/c_b ...
+    if n % blocksize:                                             # ... and divides in a ragged last block,
+        c[-1] = c[-1].clamp(min=1e-38)                            # whose stored absmax it clamps (an all-0 tail)
+        scaled[-1] = xb[-1] / c[-1]
+    q = torch.bucketize(scaled, nf4_thresholds()).view(-1)[:n]    # nearest code; a tie takes the lower one
+    q = F.pad(q, (0, n % 2), value=7)                             # an odd count: pad with the code of 0
+    return (q[0::2] * 16 + q[1::2]).to(torch.uint8).view(-1, 1), c   # two codes a byte, first one high
+
+
+def dequantize_plain(packed: torch.Tensor, c: torch.Tensor, shape, blocksize: int = 64,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Ŵ_i = NF4[q_i] · c_{i // blocksize}: unpack, look up, scale (an fp32 product rounded once)."""
+    n = math.prod(shape)
+    q = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], 1).view(-1)[:n].long()   # (n,) codes
+    w = torch.tensor(NF4_CODES, dtype=torch.float32)[q] * c.repeat_interleave(blocksize)[:n]
+    return w.to(dtype).view(shape)
+
+
+def quantize_8bit_plain(a: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Double quantization's inner step, the same two moves with bitsandbytes' 8-bit dynamic code (DYN):
+    absmax per block of 256, then the code of each scaled value. bitsandbytes' CPU rule snaps the value to
+    a grid of 65,536 points in [-1, 1] first and takes the nearest code of the grid point."""
+    nb = -(-a.numel() // blocksize)
+    blk = F.pad(a, (0, nb * blocksize - a.numel())).view(nb, blocksize)
+    c2 = blk.abs().amax(1)                                         # (nb,)
+    v = (blk * torch.where(c2 > 0, 1.0 / c2, 0.0)[:, None]).clamp(-1, 1)
+    g = ((v + 1.0) * 0.5 * 65535.0 + 0.5).long()                   # the grid point's index
+    grid = -1.0 + (2.0 * g.float()) / 65535.0
+    dyn = dynamic_map()
+    k = torch.bucketize(grid, (dyn[:-1] + dyn[1:]) / 2).to(torch.uint8)   # nearest DYN code of the grid point
+    k[c2 == 0] = 0                                                 # an all-zero block gets code 0
+    return k.view(-1)[: a.numel()], c2
+
+
+def quantize_nf4_plain(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> "NF4Weight":
+    """quantize_nf4 written out: NF4 codes, then (QLoRA §3) c − mean(c) quantized again in 8 bits."""
+    packed, c = quantize_plain(tensor, blocksize)
+    w = NF4Weight(packed, c, torch.tensor(NF4_CODES, dtype=torch.float32), tensor.shape, tensor.dtype, blocksize)
+    if double_quant:
+        w.offset = c.mean()
+        w.absmax, w.nested_absmax = quantize_8bit_plain(c - w.offset)
+        w.nested_quant_map = dynamic_map()
+    return w
+
+
+# ============================================================================ the fast path (what runs)
+# The same bytes as above from lookup tables and chunked, reused workspaces: no bucketize (a binary
+# search per value), no (n,)-sized temporaries. Measured in docs/BENCHMARKS.md ("NF4 quantize / dequantize").
 
 class LookupTables:
     """The small tables behind the fast loops, built once per device (see `lookup_tables`)."""

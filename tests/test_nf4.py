@@ -385,3 +385,21 @@ def test_nf4_nbytes_and_from_weight_matches_quantize():
     bad[0, 0] = bad[3, 9] = float("nan")
     with pytest.raises(ValueError, match="k: 2 of 256 values"):
         NF4Linear.from_weight(bad, name="k")
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_plain_and_fast_paths_are_byte_identical(double_quant):
+    """nf4.py's plain section (bucketize on the midpoints, a nibble pack, the 8-bit step as a second call)
+    and the fenced lookup-table path that quantize_nf4 runs give the same bytes and the same Ŵ."""
+    torch.manual_seed(3)
+    cases = [torch.randn(*shape, dtype=dtype) * 0.02 for shape in SHAPES for dtype in DTYPES]
+    cases += [nf4_edge_case(case, dtype) for case in NF4_EDGE_CASES for dtype in DTYPES]
+    cases += [torch.zeros(70), torch.full((130,), 2.0 ** -120), torch.randn(4, 64) * 1e30]  # 0, tiny, huge blocks
+    for t in cases:
+        for bs in (64, 128):
+            fast, plain = quantize_nf4(t, bs, double_quant), nf4.quantize_nf4_plain(t, bs, double_quant)
+            for k in NF4Weight.TENSORS:
+                a, b = getattr(fast, k), getattr(plain, k)
+                assert (a is None and b is None) or torch.equal(a, b), (tuple(t.shape), t.dtype, bs, k)
+            want = nf4.dequantize_plain(plain.packed, plain.absmax_fp32(), t.shape, bs, t.dtype)
+            assert torch.equal(fast.dequantize(), want)
