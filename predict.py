@@ -136,7 +136,8 @@ def main(argv=None) -> dict:
         print(packing)
         if note:
             print(note)
-        fitted = why.partition(": ")[2].split(" ")[0] if args.calibration == "auto" else args.calibration
+        fitted = ((getattr(model, "calibration", None) or {}).get("kind", "none") if args.model else  # the export's
+                  why.partition(": ")[2].split(" ")[0] if args.calibration == "auto" else args.calibration)
         write_log(args.out, f"start identity={identity} precision={precision} calibration={args.calibration} "
                             f"calibration_fitted={fitted} model={source} data={args.data} "
                             f"prior_correction={args.prior_correction}")
