@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from nanopeft.augment import resize_normalize
-from nanopeft.calibration import (KINDS, bootstrap_intervals, calibrate, calibration_metrics, refuse_knn,
-                                  reliability_bins, runs_val_logits, with_interval)
+from nanopeft.calibration import (KINDS, bootstrap_intervals, calibration_metrics, refuse_knn, reliability_bins,
+                                  with_interval)
 from nanopeft.cli import error_boundary
 from nanopeft.checkpoint_format import atomic_write
 from nanopeft.config import TrainConfig
@@ -49,13 +49,8 @@ from nanopeft.metrics import compute_metrics, format_report
 from nanopeft.device import autocast, inference_precision, precision_name, resolve_device, threads_beside_workers
 from nanopeft.plots import save_confusion_matrix, save_reliability_diagram
 from nanopeft.prepack import prepack_for_inference
-from nanopeft.predict import read_run as _read_run
-from nanopeft.predict import adapter_provenance, run_classifier, run_train_priors
+from nanopeft.predict import adapter_provenance, read_run, run_calibration, run_classifier, run_train_priors
 from nanopeft.prior import check_method, correct
-
-
-def read_run(run: str) -> tuple[TrainConfig, dict]:
-    return _read_run(run)
 
 
 def load_model(run: str, device, amp, weights: str | None, merge: str):
@@ -243,25 +238,25 @@ def calibration_kind(args) -> str:
     return "auto" if args.prior_correction == "em" and args.split != "val" else "none"
 
 
-def calibrated(args, adapters: list[dict]):
-    """(Calibrator or None, the validation logits and labels it was fitted on, or None)."""
+def calibrated(args):
+    """(Calibrator or None, the mean calibrated validation posterior or None): the runs' (or ensemble's)
+    calibration, fitted on the validation logits they stored."""
     kind = calibration_kind(args)
     if kind == "none":
         return None, None
-    z, y = runs_val_logits(args.runs, [a["adapter_id"] for a in adapters])
-    cal, why = calibrate(kind, z, y)
+    cal, why, source = run_calibration(args.runs, kind)
     cal.nll["why"] = why
     print(why)
-    return cal, (z, y)
+    return cal, source
 
 
-def prior_corrected(args, probs: torch.Tensor, cal, val, cfg0, saved0, names):
+def prior_corrected(args, probs: torch.Tensor, cal, source, cfg0, saved0, names):
     """(corrected posteriors, info) for --prior-correction, or (None, None) for none. Calibrated: the source
     priors are the mean calibrated validation posterior (Alexandari et al. 2020); else the training priors."""
     if args.prior_correction == "none":
         return None, None
     if cal is not None:
-        source, what = cal.apply(val[0]).softmax(-1).mean(0).numpy(), "the mean calibrated validation posterior"
+        what = "the mean calibrated validation posterior"
     else:
         source, what = run_train_priors(cfg0, saved0), "the training class shares (uncalibrated: not advised)"
     fixed, info = correct(probs, args.prior_correction, source, names)
@@ -362,11 +357,11 @@ def main(argv=None) -> dict:
     items, unseen = test_items(args, cfg0, saved0)
     # a --skip-bad run left its unreadable images out of its validation split, so does the rebuilt split
     items, skipped = readable(items, args.skip_bad or (args.split == "val" and cfg0.skip_bad))
-    cal, val = calibrated(args, adapters)  # before the test pass: its faults are one line, not hours later
+    cal, source = calibrated(args)  # before the test pass: its faults are one line, not hours later
     logits, wall, speed, packing = ensemble_logits(args, items, saved0["train"]["image_size"], names, device, amp)
     probs = logits.softmax(-1)
     cprobs = cal.apply(logits).softmax(-1).float() if cal is not None else None  # calibrated posteriors
-    fixed, info = prior_corrected(args, cprobs if cal is not None else probs, cal, val, cfg0, saved0, names)
+    fixed, info = prior_corrected(args, cprobs if cal is not None else probs, cal, source, cfg0, saved0, names)
 
     labels = [s.label for s in items]
     metrics = scored(items, probs, names)

@@ -22,13 +22,14 @@ import os
 
 import torch
 
-from nanopeft.calibration import KINDS, fold_into_head, refuse_knn, run_calibration
+from nanopeft.calibration import KINDS, fold_into_head, refuse_knn
 from nanopeft.cli import error_boundary
 from nanopeft.distributed import init_distributed
 from nanopeft.device import inference_precision, precision_name, resolve_device, threads_beside_workers
 from nanopeft.prepack import prepack_for_inference
 from nanopeft.predict import (check_resume, count_errors, export_identity, list_inputs, predict_to_csv, read_run,
-                              remove_outputs, run_classifier, run_identity, run_train_priors, write_log)
+                              remove_outputs, run_calibration, run_classifier, run_identity, run_train_priors,
+                              write_log)
 from nanopeft.prior import check_method
 
 

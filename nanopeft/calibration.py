@@ -396,13 +396,3 @@ def fold_into_head(head: torch.nn.Module, cal: Calibrator) -> None:
         W, c = last.weight.detach().double().cpu(), last.bias.detach().double().cpu()
         last.weight.copy_((A @ W).to(last.weight.dtype))                 # (K, D)
         last.bias.copy_((A @ c + b).to(last.bias.dtype))                 # (K,)
-
-
-def run_calibration(run, kind: str) -> tuple[Calibrator, str, np.ndarray]:
-    """A run folder's calibrator from its stored validation logits -> (calibrator, the line that says which,
-    the mean calibrated validation posterior: the source priors of label-shift EM)."""
-    from .predict import run_identity
-
-    z, y = runs_val_logits([run], [run_identity(run)])
-    cal, why = calibrate(kind, z, y)
-    return cal, why, cal.apply(z).softmax(-1).mean(0).numpy()

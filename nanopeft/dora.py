@@ -44,7 +44,6 @@ from .lora import LoRALinear, base_device, base_weight, merged_layer
 from .nf4_linear import NF4Linear
 
 
-
 class DoRALinear(LoRALinear):
     """y = g ⊙ (x W0ᵀ + s·x AᵀBᵀ) + b with g = m / sg(‖W0 + s·BA‖_row), wrapping a frozen linear layer."""
 

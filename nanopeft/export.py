@@ -175,7 +175,8 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
     model, saved = run_classifier(run, torch.device("cpu"), torch.float32, weights=weights, merge="yes")
     priors, cal_block = run_train_priors(cfg, saved).tolist(), {"kind": "none"}
     if calibration not in (None, "none"):
-        from .calibration import fold_into_head, refuse_knn, run_calibration
+        from .calibration import fold_into_head, refuse_knn
+        from .predict import run_calibration
 
         refuse_knn([cfg.method], calibration)
         cal, why, source = run_calibration(run, calibration)

@@ -52,8 +52,6 @@ NF4_CODES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 NESTED_BLOCKSIZE = 256  # QLoRA §3: "blocksize of 256 for the second quantization"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_TINY = 2.0 ** -115     # c_b below this: 4096/c_b overflows fp32, so those blocks take an exact slow path
-_CELL = 4096            # quantize looks codes up in cells of width 1/4096 (see LookupTables)
 
 
 def dynamic_map() -> torch.Tensor:
@@ -133,13 +131,17 @@ def quantize_nf4_plain(tensor: torch.Tensor, blocksize: int = 64, double_quant: 
 # The same bytes as above from lookup tables and chunked, reused workspaces: no bucketize (a binary
 # search per value), no (n,)-sized temporaries. Measured in docs/BENCHMARKS.md ("NF4 quantize / dequantize").
 
+_TINY = 2.0 ** -115     # c_b below this: 4096/c_b overflows fp32, so those blocks take an exact slow path
+_CELL = 4096            # quantize looks codes up in cells of width 1/4096 (see LookupTables)
+
+
 class LookupTables:
     """The small tables behind the fast loops, built once per device (see `lookup_tables`)."""
 
     def __init__(self, device):
         nf4 = torch.tensor(NF4_CODES, dtype=torch.float32)
         self.nf4, self.dyn = nf4, dynamic_map()
-        self.mid = (nf4[:-1] + nf4[1:]) / 2  # decision thresholds: q = #{mid < x}, so a tie goes down
+        self.mid = nf4_thresholds()  # decision thresholds: q = #{mid < x}, so a tie goes down
         # dequantize: byte → (NF4[hi], NF4[lo]) as one 8-byte item, so one gather yields two values
         b = torch.arange(256)
         self.lut2 = torch.stack([nf4[b >> 4], nf4[b & 15]], 1).contiguous().view(torch.int64).view(256)

@@ -147,6 +147,18 @@ def adapter_provenance(run) -> dict:
     return {"adapter_id": ident, "adapter_epoch": epoch, "epochs_done": done, "finished": finished, "note": note}
 
 
+def run_calibration(runs, kind: str):
+    """The calibration of a run (or of an ensemble's averaged logits) fitted on the validation logits the
+    runs stored -> (Calibrator, the line that says which, the mean calibrated validation posterior: the
+    source priors of label-shift EM). calibration.py has the maps; this finds the runs' logits."""
+    from .calibration import calibrate, runs_val_logits
+
+    runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
+    z, y = runs_val_logits(runs, [run_identity(r) for r in runs])
+    cal, why = calibrate(kind, z, y)
+    return cal, why, cal.apply(z).softmax(-1).mean(0).numpy()
+
+
 def export_identity(directory) -> str:
     """Which model an export folder predicts with: the adapter it was made from, its dtype, format and
     calibration."""

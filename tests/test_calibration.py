@@ -13,7 +13,7 @@ import torch
 from nanopeft.calibration import (Calibrator, bootstrap_intervals, brier, calibrate, choose, ece, fit, nll,
                                   reliability_bins, with_interval, _scores)
 from nanopeft.metrics import compute_metrics
-from nanopeft.prior import correct, em_priors
+from nanopeft.prior import correct
 
 MEANS = np.array([-3.0, -1.0, 1.0, 3.0])  # x | y=k ~ N(MEANS[k], 1): a strong 4-class classifier
 
@@ -253,7 +253,8 @@ def test_predict_and_export_use_the_same_calibration_as_eval(tiny_run, tmp_path,
     import eval as evaluate
     import export
     import predict
-    from nanopeft.calibration import fold_into_head, run_calibration
+    from nanopeft.calibration import fold_into_head
+    from nanopeft.predict import run_calibration
     from nanopeft.data import make_demo_dataset
     from nanopeft.export import load_classifier
     from nanopeft.predict import run_classifier
