@@ -37,19 +37,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanopeft.augment import resize_normalize
+from nanopeft.data.augment import resize_normalize
 from nanopeft.calibration import (KINDS, bootstrap_intervals, calibration_metrics, refuse_knn, reliability_bins,
                                   with_interval)
 from nanopeft.cli import error_boundary
-from nanopeft.checkpoint_format import atomic_write
+from nanopeft.files.checkpoint_format import atomic_write
 from nanopeft.config import TrainConfig
-from nanopeft.data import (ImageDataset, check_images, describe_unreadable, load_image, scan_test_set, shown,
+from nanopeft.data.folders import (ImageDataset, check_images, describe_unreadable, load_image, scan_test_set, shown,
                            skip_unreadable, training_pool)
-from nanopeft.metrics import compute_metrics, format_report
+from nanopeft.reports.metrics import compute_metrics, format_report
 from nanopeft.device import autocast, inference_precision, precision_name, resolve_device, threads_beside_workers
-from nanopeft.plots import save_confusion_matrix, save_reliability_diagram
-from nanopeft.prepack import prepack_for_inference
-from nanopeft.predict import adapter_provenance, read_run, run_calibration, run_classifier, run_train_priors
+from nanopeft.reports.plots import save_confusion_matrix, save_reliability_diagram
+from nanopeft.inference.prepack import prepack_for_inference
+from nanopeft.inference.predict import adapter_provenance, read_run, run_calibration, run_classifier, run_train_priors
 from nanopeft.prior import check_method, correct
 
 

@@ -1,4 +1,4 @@
-"""Export a trained run as a self-contained model folder (see nanopeft/export.py for the format).
+"""Export a trained run as a self-contained model folder (see nanopeft/inference/export.py for the format).
 
     python export.py --run runs/qlora-all-linear-r64-... --out exports/cows
     python export.py --run RUN --out DIR --dtype bfloat16              # half the size, same predictions nearly
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from nanopeft.cli import error_boundary
-from nanopeft.export import EXPORT_DTYPES, export_run
+from nanopeft.inference.export import EXPORT_DTYPES, export_run
 
 
 @error_boundary

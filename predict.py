@@ -10,7 +10,7 @@ decode: the run goes on). Output is in input order and flushed after every batch
 --out skips what is already there. With torchrun, mind the `--` before predict.py: without it torch's launcher
 takes --run for an abbreviation of its own --run-path. Adapters are merged into the backbone before
 predicting; on a CPU in fp32 the Linear weights are then reordered once for oneDNN (`--prepack auto`,
-nanopeft/prepack.py: same outputs, faster small batches). --prior-correction re-weights the posteriors to
+nanopeft/inference/prepack.py: same outputs, faster small batches). --prior-correction re-weights the posteriors to
 the test set's class priors (nanopeft/prior.py): `em` estimates them from these very images, FILE gives
 them (JSON {class: share}).
 """
@@ -24,10 +24,10 @@ import torch
 
 from nanopeft.calibration import KINDS, fold_into_head, refuse_knn
 from nanopeft.cli import error_boundary
-from nanopeft.distributed import init_distributed
+from nanopeft.training.distributed import init_distributed
 from nanopeft.device import inference_precision, precision_name, resolve_device, threads_beside_workers
-from nanopeft.prepack import prepack_for_inference
-from nanopeft.predict import (check_resume, count_errors, export_identity, list_inputs, predict_to_csv, read_run,
+from nanopeft.inference.prepack import prepack_for_inference
+from nanopeft.inference.predict import (check_resume, count_errors, export_identity, list_inputs, predict_to_csv, read_run,
                               remove_outputs, run_calibration, run_classifier, run_identity, run_train_priors,
                               write_log)
 from nanopeft.prior import check_method
@@ -69,7 +69,7 @@ def parse_args(argv):
 def load(args, device, amp):
     """-> (model, class names, image size, training priors, the calibration line or "") from --run or --model."""
     if args.model:
-        from nanopeft.export import load_classifier
+        from nanopeft.inference.export import load_classifier
 
         model = load_classifier(args.model, device=device, precision=args.precision)
         return model, model.class_names, model.preprocessing["image_size"], model.train_priors, ""

@@ -105,8 +105,8 @@ def build(impl: str, method: str, base: str, dtype: torch.dtype, dropout: float,
         cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], use_dora=method == "dora",
                          lora_dropout=dropout)
         return get_peft_model(Wrap(layer), cfg)
-    from nanopeft.dora import DoRALinear
-    from nanopeft.lora import LoRALinear
+    from nanopeft.methods.dora import DoRALinear
+    from nanopeft.methods.lora import LoRALinear
     return {"lora": LoRALinear, "dora": DoRALinear}[method](layer, R, ALPHA, dropout)
 
 

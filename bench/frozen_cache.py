@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--per-class", type=int, default=5, help="images per class (9 classes)")
     p.add_argument("--image-size", type=int, default=224)
     args = p.parse_args(argv)
-    from nanopeft.data import make_demo_dataset, training_pool
+    from nanopeft.data.folders import make_demo_dataset, training_pool
 
     weights = synthetic_checkpoint(args.model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -64,7 +64,7 @@ def build_variant(a, variant: str, dtype: torch.dtype) -> torch.nn.Module:
         else:
             model.backbone = model.backbone.merge_and_unload()
     if how == "packed":
-        from nanopeft.prepack import prepack_for_inference
+        from nanopeft.inference.prepack import prepack_for_inference
         amp_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
         packing = prepack_for_inference(model, device, amp_dtype, a.batch, a.image_size)
         if "reordered" not in packing and device.type == "cpu" and amp_dtype is None:

@@ -108,7 +108,7 @@ def child(ckpt: Path, which: str) -> dict:
         hugepage_cpu_allocator()  # as train.py runs the load: before any tensor exists
     torch.set_num_threads(os.cpu_count() or 1)
     if which == "read":  # the I/O floor: every byte of every shard, read the way the loader reads
-        from nanopeft.checkpoint import _aligned_buffer, _Reader
+        from nanopeft.files.checkpoint import _aligned_buffer, _Reader
 
         t0, n, step = time.perf_counter(), 0, 64 << 20
         buf = _aligned_buffer(step)
@@ -119,7 +119,7 @@ def child(ckpt: Path, which: str) -> dict:
                     n += r.read(buf, off, min(step, size - off), "-").numel()
         return {"read_s": time.perf_counter() - t0, "bytes": n}
     if which == "quantize":  # the CPU floor: the same quantization, no file, outputs kept like a model's
-        from nanopeft.checkpoint import open_checkpoint
+        from nanopeft.files.checkpoint import open_checkpoint
         from nanopeft.nf4 import quantize_nf4
 
         source, _, _ = open_checkpoint(ckpt)

@@ -1,5 +1,5 @@
 """Peak memory of one QLoRA r64 all-linear training step of the DINOv3 ViT-7B on CPU, by part, against
-the memory model (nanopeft/memory.py, what `train.py --dry-run` prints).
+the memory model (nanopeft/training/memory.py, what `train.py --dry-run` prints).
 
     python bench/memory_7b.py                       # the 7B (synthetic checkpoint, ~13.4 GB written once)
     python bench/memory_7b.py --preset vitb16       # the same breakdown on a ViT-B in seconds
@@ -84,7 +84,7 @@ def checkpoint_folder(preset: str) -> Path:
 
 
 def measure(a) -> dict:
-    from nanopeft.memory import estimate_training_memory
+    from nanopeft.training.memory import estimate_training_memory
     from nanopeft.nf4_linear import nf4_nbytes
 
     from nanopeft.device import hugepage_cpu_allocator

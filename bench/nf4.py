@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanopeft import nf4_cuda  # noqa: E402
+from nanopeft.kernels import nf4_cuda  # noqa: E402
 from nanopeft.nf4 import quantize_nf4  # noqa: E402
 
 _TCK = os.sysconf("SC_CLK_TCK")

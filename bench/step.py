@@ -55,7 +55,7 @@ def child(a) -> dict:
         kw["checkpointing"] = a.our_checkpointing == "all"  # none: what --grad-checkpointing auto picks with room
         model = build_nanopeft(folder, dora_dropout=a.dora_dropout, dropout_sampler=a.sampler, **kw)
         if a.our_checkpointing == "budget":  # --grad-checkpointing auto --memory-budget GB, as train.py plans it
-            from nanopeft.memory import fewest_checkpointed_blocks
+            from nanopeft.training.memory import fewest_checkpointed_blocks
 
             k = fewest_checkpointed_blocks(model, a.budget, batch_size=a.batch, image_size=a.image_size,
                                            compute_dtype=dtype, device="cpu")

@@ -319,13 +319,13 @@ def with_interval(value: float, interval) -> str:
 # ----------------------------------------------------------------------------- the run folder's copy
 def save_val_logits(run, logits, labels, paths: list[str], adapter_id: str) -> Path:
     """run/val_logits.safetensors: the kept epoch's validation logits (N, K) fp32 and labels (N,), with
-    the adapter's id (nanopeft/save.py adapter_identity) and the image paths in the metadata, so that
+    the adapter's id (nanopeft/files/save.py adapter_identity) and the image paths in the metadata, so that
     eval.py calibrates without the training data and never with another epoch's logits."""
     import json
 
     from safetensors.torch import save_file
 
-    from .checkpoint_format import atomic_write
+    from .files.checkpoint_format import atomic_write
 
     tensors = {"logits": torch.as_tensor(logits).float().contiguous().cpu(),
                "labels": torch.as_tensor(labels, dtype=torch.int64).contiguous().cpu()}
@@ -341,7 +341,7 @@ def read_val_logits(run) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
 
     from safetensors import safe_open
 
-    from .checkpoint_format import CheckpointError, read_safetensors_header
+    from .files.checkpoint_format import CheckpointError, read_safetensors_header
 
     f = Path(run) / VAL_LOGITS
     if not f.is_file():

@@ -17,10 +17,12 @@ import math
 import re
 from dataclasses import dataclass, field
 
-ADAPTER_METHODS = ("lora", "dora")                 # a frozen DINOv3 + adapters + the head
+ADAPTER_METHODS = ("lora", "dora")                 # a frozen DINOv3 + low-rank adapters on --targets + the head
+STUDY_METHODS = ("bitfit", "layernorm", "ssf", "vpt", "adaptformer")  # the unifying study's (nanopeft/methods/)
+TUNED_METHODS = (*ADAPTER_METHODS, *STUDY_METHODS, "full")  # the backbone's function changes: kept weights saved
 PROBE_METHODS = ("linear-probe", "knn")            # fitted on cached features, no training loop (probes.py)
 FROZEN_METHODS = ("frozen", *PROBE_METHODS)         # the backbone never changes: its features can be cached
-DINO_METHODS = (*ADAPTER_METHODS, *FROZEN_METHODS)  # every method on the DINOv3 backbone
+DINO_METHODS = (*TUNED_METHODS, *FROZEN_METHODS)    # every method on the DINOv3 backbone
 SCRATCH_METHODS = ("resnet18", "vit-small")        # the paper's randomly initialised baselines (scratch.py)
 METHODS = (*DINO_METHODS, *SCRATCH_METHODS)
 POOLS = ("cls", "mean", "cls+mean")                # the feature the head reads (DINOv3ViT.features)
@@ -141,12 +143,14 @@ def resolve_config(config) -> ViTConfig:
 @dataclass
 class TrainConfig:
     # what to train
-    method: str = "lora"              # lora (QLoRA with the NF4 base) | dora | frozen | linear-probe | knn | resnet18 | vit-small
+    method: str = "lora"              # lora (QLoRA with the NF4 base) | dora | full | bitfit | layernorm | ssf | vpt | adaptformer | frozen | linear-probe | knn | resnet18 | vit-small
     targets: str | list[str] = "all-linear"  # q_proj | all-linear | comma list of module-name suffixes
     rank: int = 64                    # the paper's best row: all-linear r64
     alpha: float | None = None        # None: 2·rank, as in every run of the paper
     dropout: float | None = None      # None: 0.1 at rank <= 8, 0.05 above (the notebooks' rule)
     use_rslora: bool = False          # scale α/√r instead of α/r
+    prompts: int = 10                 # --method vpt: learned tokens per block (deep VPT)
+    adapter_scale: float = 0.1        # --method adaptformer: the fixed scale s of the parallel branch (its width is --rank)
     quant: str = "nf4"                # nf4 | none: the frozen DINOv3 base (QLoRA/QDoRA as in the paper)
     pool: str = "cls"                 # cls (the paper: pooler_output) | mean | cls+mean
     head_dropout: float = 0.5         # first head dropout; the second is half of it
@@ -191,12 +195,12 @@ class TrainConfig:
     select_metric: str = "val_accuracy"  # keeps the best adapter and drives early stopping: val_accuracy (the paper) | val_macro_f1 | val_loss (lower is better)
     class_weights: str = "none"       # none | balanced: cross-entropy weights n/(C·n_c) for imbalanced training folders
     sampler: str = "uniform"          # uniform (each image once per epoch) | balanced (classes drawn equally often, with replacement)
-    # performance (nanopeft/device.py, nanopeft/memory.py; docs/BENCHMARKS.md ("Whole step and inference"))
+    # performance (nanopeft/device.py, nanopeft/training/memory.py; docs/BENCHMARKS.md ("Whole step and inference"))
     precision: str = "auto"           # auto: bf16 autocast on GPUs with bf16 (else fp16 + GradScaler) and on CPUs with AVX512-BF16/AMX, else fp32
     grad_checkpointing: str = "all"   # all | none | auto: recompute blocks in backward; auto: the fewest that fit --memory-budget
     memory_budget: float = 0.0        # GB for --grad-checkpointing auto; 0 = the GPU's free memory (CPU: available RAM)
     dora_dropout: str = "peft"        # peft (the study's semantics) | lora (dropout on the low-rank path only, one frozen pass)
-    cache_features: str = "yes"       # yes | no: frozen-backbone methods compute each view's features once (nanopeft/features.py)
+    cache_features: str = "yes"       # yes | no: frozen-backbone methods compute each view's features once (nanopeft/training/features.py)
     cache_views: int = 0              # views per training image in the cache: the clean one + K-1 augmented (0: --multiplier)
     cache_dtype: str = "fp32"         # fp32 | fp16: how the cache stores the features
     dropout_sampler: str = "bits"     # bits (exact Bernoulli masks from raw random numbers; the mask op is cheaper) | torch (nn.Dropout: PEFT's masks seed for seed)
@@ -225,6 +229,9 @@ class TrainConfig:
                 if getattr(c, name) != off:
                     raise ValueError(f"--{name.replace('_', '-')} {getattr(c, name)}: --method {c.method} fits on the "
                                      f"cached features of every training image once, unweighted; leave it at {off}")
+        if c.method == "full" and c.quant != "none":
+            raise ValueError("--method full trains every backbone weight, which NF4 cannot hold: use --quant none "
+                             "(--method full alone picks it)")
         c.alpha = 2.0 * c.rank if c.alpha is None else c.alpha
         c.dropout = (0.1 if c.rank <= 8 else 0.05) if c.dropout is None else c.dropout
         check_ranges(c)
@@ -263,7 +270,8 @@ RANGES = {
     "max_steps": (0, True, math.inf, False), "ckpt_every": (0, True, math.inf, False),
     "workers": (0, True, math.inf, False), "num_classes": (0, True, math.inf, False),
     "knn_k": (1, True, math.inf, False), "knn_temperature": (0.0, False, math.inf, False),
-    "cache_views": (0, True, math.inf, False),
+    "cache_views": (0, True, math.inf, False), "prompts": (1, True, math.inf, False),
+    "adapter_scale": (0.0, False, math.inf, False),
 }
 
 
@@ -278,7 +286,7 @@ def check_ranges(c: "TrainConfig") -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in {interval}, got {v!r}")
 GRAD_CHECKPOINTING = ("all", "none", "auto")
 DORA_DROPOUT_MODES = ("peft", "lora")  # docs/DORA.md ("Dropout semantics")
-DROPOUT_SAMPLERS = ("torch", "bits")   # nn.Dropout (PEFT's masks) | BitsDropout (nanopeft/dropout.py)
+DROPOUT_SAMPLERS = ("torch", "bits")   # nn.Dropout (PEFT's masks) | BitsDropout (nanopeft/methods/dropout.py)
 
 
 def _resolve_performance(c: TrainConfig) -> None:
@@ -325,7 +333,20 @@ _SCRATCH = dict(lr=1e-3, weight_decay=1e-4, batch_size=32, grad_accum=1, patienc
 # The recipe a method trains with when no preset says otherwise: the dataclass defaults are the PEFT
 # recipe (micro-batch 4 × 8), which would put BatchNorm over 4 images and lr 1e-4 on a network trained
 # from scratch; `--method resnet18` alone therefore means the study's scratch recipe, as its preset does.
-METHOD_RECIPES: dict[str, dict] = {m: _SCRATCH for m in SCRATCH_METHODS}
+# The unifying study tuned lr in {1e-3, 1e-2} and weight decay in {1e-4, 1e-3} per method (Mai et al. 2025,
+# OSU-MLB/ViT_PEFT_Vision's VTAB grid); its methods start at the grid's low corner. Weight decay never
+# applies to scales, shifts, norms, biases or prompts (training/setup.py's param_groups): it would pull a
+# scale towards 0. Full fine-tuning takes the usual ViT fine-tuning rate instead (the study's grid was too
+# high for it). docs/METHODS.md.
+_STUDY = dict(lr=1e-3, weight_decay=1e-4)
+METHOD_RECIPES: dict[str, dict] = {
+    **{m: _SCRATCH for m in SCRATCH_METHODS},
+    "full": dict(quant="none", lr=1e-5, weight_decay=0.05),
+    "bitfit": _STUDY, "layernorm": _STUDY, "ssf": _STUDY,
+    "vpt": dict(_STUDY, dropout=0.1),          # prompt dropout 0.1, as the study
+    "adaptformer": dict(_STUDY, dropout=0.1),  # dropout after the ReLU, as the study
+}
+RECIPE_FIELDS = sorted({k for recipe in METHOD_RECIPES.values() for k in recipe})
 PAPER_RUNS: dict[str, dict] = {
     "resnet18-scratch": dict(method="resnet18", **_SCRATCH),
     "vit-small-scratch": dict(method="vit-small", **_SCRATCH),
@@ -351,7 +372,8 @@ def _field_comments(cls) -> dict[str, str]:
 
 # --help's groups, in README.md's order ("Every flag"; tests/test_config.py checks the two agree).
 FLAG_GROUPS = {
-    "model": ("method", "targets", "rank", "alpha", "dropout", "use_rslora", "quant", "pool", "head_dropout",
+    "model": ("method", "targets", "rank", "alpha", "dropout", "use_rslora", "prompts", "adapter_scale", "quant", "pool",
+              "head_dropout",
               "knn_k", "knn_temperature", "weights", "num_classes", "preset"),
     "data": ("data", "val_fraction", "split_seed", "image_size", "multiplier", "augment", "skip_bad", "workers",
              "sampler", "class_weights"),
@@ -438,7 +460,7 @@ def config_from_args(args, cls=TrainConfig, recorded: dict | None = None) -> Tra
     method = given.get("method", base.get("method", recorded.get("method", cls.method)))
     recipe = METHOD_RECIPES.get(method, {})
     if recorded and method != recorded.get("method"):  # another method: its recipe, not the recorded one's
-        recipe = {**{k: getattr(cls, k) for k in _SCRATCH}, **recipe}
+        recipe = {**{k: getattr(cls, k) for k in RECIPE_FIELDS}, **recipe}
     elif recorded:
         recipe = {}
     return cls(**{**recorded, **recipe, **base, **given})

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nf4_cuda
+from .kernels import nf4_cuda
 from .nf4 import (NESTED_BLOCKSIZE, NESTED_KEYS, NF4_CODES, QS_KEY, NF4Weight, dynamic_map, nf4_from_state_dict,
                   nf4_state_dict, quant_state_meta, reused_buffer)
 

@@ -82,7 +82,7 @@ def fit_linear_probe(train_f, train_y, val_f, val_y, num_classes: int,
                      select: str = "val_accuracy") -> tuple[LinearProbe, dict]:
     """The probe of the best validation `select` (val_accuracy | val_macro_f1 | val_loss; ties: the lower
     validation NLL) over LAMBDAS, and what each λ scored."""
-    from .metrics import compute_metrics
+    from .reports.metrics import compute_metrics
 
     mu, sd = train_f.double().mean(0), train_f.double().std(0).clamp_min(1e-6)
     ft, fv = (train_f.double() - mu) / sd, (val_f.double() - mu) / sd
@@ -109,8 +109,8 @@ def save_probe(run, head: nn.Module, method: str, info: dict) -> Path:
     """RUN/probe.safetensors (atomically), with the method, its settings and the content id in the metadata."""
     from safetensors.torch import save_file
 
-    from .checkpoint_format import atomic_write
-    from .save import EPOCH_META, ID_META, tensors_id
+    from .files.checkpoint_format import atomic_write
+    from .files.save import EPOCH_META, ID_META, tensors_id
 
     tensors = ({"weight": head.linear.weight, "bias": head.linear.bias} if method == "linear-probe" else
                {"bank": head.bank, "labels": head.labels})
@@ -125,7 +125,7 @@ def load_probe(path, cfg) -> nn.Module:
     """The head module of a probe file (`cfg`: the run's TrainConfig, for k and T)."""
     from safetensors import safe_open
 
-    from .checkpoint_format import CheckpointError, read_safetensors_header
+    from .files.checkpoint_format import CheckpointError, read_safetensors_header
 
     header = read_safetensors_header(path)
     method = header.metadata.get("method")

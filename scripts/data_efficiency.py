@@ -29,9 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluate  # noqa: E402  (the repo's eval.py)
 import train  # noqa: E402
+from nanopeft.training.flags import split_train_flags  # noqa: E402
 from nanopeft.cli import error_boundary  # noqa: E402
-from nanopeft.data import scan_dataset, split_folders  # noqa: E402
-from nanopeft.plots import save_shots_plot  # noqa: E402
+from nanopeft.data.folders import scan_dataset, split_folders  # noqa: E402
+from nanopeft.reports.plots import save_shots_plot  # noqa: E402
 
 
 def parse_shots(text: str) -> list[int]:
@@ -95,7 +96,7 @@ def table(rows: list[dict], preset: str | None) -> str:
 
 @error_boundary
 def main(argv=None) -> list[dict]:
-    argv, extra = train.split_train_flags(sys.argv[1:] if argv is None else argv)
+    argv, extra = split_train_flags(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="training pool (image folder or CSV)")
     p.add_argument("--test", required=True, help="test set (image folder or CSV)")

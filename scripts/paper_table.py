@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluate  # noqa: E402  (the repo's eval.py)
 import train  # noqa: E402
+from nanopeft.training.flags import split_train_flags  # noqa: E402
 from nanopeft.cli import error_boundary  # noqa: E402
 from nanopeft.config import ADAPTER_METHODS, PAPER_RUNS  # noqa: E402
 
@@ -46,7 +47,7 @@ def row_markdown(name: str, run: Path) -> str:
 
 @error_boundary
 def main(argv=None):
-    argv, extra = train.split_train_flags(sys.argv[1:] if argv is None else argv)
+    argv, extra = split_train_flags(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="training pool (image folder or CSV)")
     p.add_argument("--test", required=True, help="test set (image folder or CSV)")

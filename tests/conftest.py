@@ -172,7 +172,7 @@ def own_tiny_ckpt(tmp_path_factory):
     from safetensors.torch import save_file
 
     from nanopeft.config import PRESETS
-    from nanopeft.model import DINOv3ViT
+    from nanopeft.backbones.dinov3 import DINOv3ViT
 
     cache = {}
 
@@ -297,7 +297,7 @@ def tiny_run(tmp_path_factory, tiny_ckpt):
     root = tmp_path_factory.mktemp("deploy")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import train
-    from nanopeft.data import make_demo_dataset
+    from nanopeft.data.folders import make_demo_dataset
 
     data = make_demo_dataset(root / "train", num_classes=3, per_class=8, size=(40, 32), seed=0)
     cache = {}
@@ -317,7 +317,7 @@ def tiny_run(tmp_path_factory, tiny_ckpt):
 @pytest.fixture(scope="session")
 def train_images(tmp_path_factory):
     """A generated 3-class image folder (12 images of 40×32 a class) for the train.py end-to-end tests."""
-    from nanopeft.data import make_demo_dataset
+    from nanopeft.data.folders import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("data") / "train", num_classes=3, per_class=12,
                              size=(40, 32), seed=0)

@@ -1,4 +1,4 @@
-"""Tests for nanopeft/augment.py: every augmentation deterministic under a seed, shape- and range-preserving, and
+"""Tests for nanopeft/data/augment.py: every augmentation deterministic under a seed, shape- and range-preserving, and
 doing what its albumentations counterpart does; resize + normalise equal to the explicit formula and to PIL."""
 
 import colorsys
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nanopeft import augment as A
+from nanopeft.data import augment as A
 
 H, W = 24, 32  # deliberately not square
 

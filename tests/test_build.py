@@ -1,9 +1,9 @@
-"""nanopeft/build.py: the architecture a run uses when no weights are read (--dry-run)."""
+"""nanopeft/training/build.py: the architecture a run uses when no weights are read (--dry-run)."""
 
 import json
 
 from nanopeft.config import PRESETS
-from nanopeft.build import backbone_config
+from nanopeft.training.build import backbone_config
 
 
 def test_backbone_config_reads_config_json_else_the_name_and_never_shares_a_preset(tmp_path):

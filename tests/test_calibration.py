@@ -12,7 +12,7 @@ import torch
 
 from nanopeft.calibration import (Calibrator, bootstrap_intervals, brier, calibrate, choose, ece, fit, nll,
                                   reliability_bins, with_interval, _scores)
-from nanopeft.metrics import compute_metrics
+from nanopeft.reports.metrics import compute_metrics
 from nanopeft.prior import correct
 
 MEANS = np.array([-3.0, -1.0, 1.0, 3.0])  # x | y=k ~ N(MEANS[k], 1): a strong 4-class classifier
@@ -184,7 +184,7 @@ def harder_copy(run0, tmp_path, name="harder"):
     import shutil
 
     from nanopeft.calibration import read_val_logits, save_val_logits
-    from nanopeft.save import adapter_identity
+    from nanopeft.files.save import adapter_identity
 
     run = tmp_path / name
     shutil.copytree(run0, run)
@@ -200,8 +200,8 @@ def test_eval_calibrates_on_the_stored_validation_logits(tiny_run, tmp_path, cap
 
     import eval as evaluate
     from nanopeft.calibration import read_val_logits
-    from nanopeft.data import make_demo_dataset, training_pool
-    from nanopeft.predict import read_run, run_classifier
+    from nanopeft.data.folders import make_demo_dataset, training_pool
+    from nanopeft.inference.predict import read_run, run_classifier
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run("lora"), run)
@@ -210,13 +210,13 @@ def test_eval_calibrates_on_the_stored_validation_logits(tiny_run, tmp_path, cap
     _, val, _ = training_pool(cfg.data, cfg.val_fraction, cfg.split_seed)
     assert paths == [s.path for s in val] and y.tolist() == [s.label for s in val]
     model, _ = run_classifier(run, torch.device("cpu"))  # the kept adapter, merged: the same logits
-    from nanopeft.data import ImageDataset
+    from nanopeft.data.folders import ImageDataset
 
     x = torch.stack([ImageDataset(val, image_size=32)[i][0] for i in range(len(val))])
     with torch.no_grad():
         assert (model(x) - z).abs().max() < 1e-3
     from nanopeft.calibration import save_val_logits
-    from nanopeft.save import adapter_identity
+    from nanopeft.files.save import adapter_identity
 
     # six validation images are easy to get all right, and then no calibration exists (T -> 0): the stored
     # logits twice over, the copies labelled one class on, give the fits a minimum to find
@@ -254,10 +254,10 @@ def test_predict_and_export_use_the_same_calibration_as_eval(tiny_run, tmp_path,
     import export
     import predict
     from nanopeft.calibration import fold_into_head
-    from nanopeft.predict import run_calibration
-    from nanopeft.data import make_demo_dataset
-    from nanopeft.export import load_classifier
-    from nanopeft.predict import run_classifier
+    from nanopeft.inference.predict import run_calibration
+    from nanopeft.data.folders import make_demo_dataset
+    from nanopeft.inference.export import load_classifier
+    from nanopeft.inference.predict import run_classifier
 
     run = harder_copy(tiny_run("lora"), tmp_path)
     cal, _, source = run_calibration(run, "bcts")
@@ -313,7 +313,7 @@ def test_folds_are_even_and_stratified_even_with_one_image_per_class():
 def test_an_ensemble_calibrates_its_averaged_logits(tiny_run, tmp_path):
     import eval as evaluate
     from nanopeft.calibration import read_val_logits
-    from nanopeft.data import make_demo_dataset
+    from nanopeft.data.folders import make_demo_dataset
 
     a, b = harder_copy(tiny_run("lora"), tmp_path, "a"), harder_copy(tiny_run("dora"), tmp_path, "b")
     (za, y, _, _), (zb, _, _, _) = read_val_logits(a), read_val_logits(b)

@@ -1,4 +1,4 @@
-"""nanopeft/checkpoint.py: load what transformers writes (and Meta's .pth), refuse what does not fit."""
+"""nanopeft/files/checkpoint.py: load what transformers writes (and Meta's .pth), refuse what does not fit."""
 
 import json
 import shutil
@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanopeft import load_dinov3
-from nanopeft.checkpoint import CheckpointError
-from nanopeft.checkpoint_format import atomic_write
+from nanopeft.files.checkpoint import CheckpointError
+from nanopeft.files.checkpoint_format import atomic_write
 
 X = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))  # non-square: 4 × 6 patches
 
@@ -201,7 +201,7 @@ def test_missing_paths_and_configs(tiny_ckpt, tmp_path):
 def test_stream_reads_every_tensor(tiny_ckpt, monkeypatch, direct):
     import threading
 
-    from nanopeft import checkpoint
+    from nanopeft.files import checkpoint
 
     monkeypatch.setattr(checkpoint, "DIRECT_IO", direct)  # O_DIRECT (the default on Linux) or the page cache
     folder, _ = tiny_ckpt(dtype=torch.bfloat16, sharded=True)
@@ -456,7 +456,7 @@ def pth_damage(folder, case, tmp_path):
 def test_damaged_checkpoint(own_tiny_ckpt, tmp_path, reliability_case):
     """Each damage a checkpoint can suffer ends in one CheckpointError naming the file (and the tensor or
     key at fault): never a KeyError, a crash or half a model."""
-    from nanopeft.checkpoint import SafetensorsSource
+    from nanopeft.files.checkpoint import SafetensorsSource
 
     case = reliability_case["id"]
     folder = copy_ckpt(own_tiny_ckpt(sharded=case.startswith("index")), tmp_path / "ckpt")
@@ -501,7 +501,7 @@ def test_damaged_checkpoint(own_tiny_ckpt, tmp_path, reliability_case):
 def test_readers_agree(own_tiny_ckpt, tmp_path, reliability_case):
     """The plain safe_open reader and the fast O_DIRECT reader yield the same tensors, on shards and on a
     file whose odd offsets force the fast reader's aligned copies; both equal safetensors' load_file."""
-    from nanopeft.checkpoint import SafetensorsSource
+    from nanopeft.files.checkpoint import SafetensorsSource
 
     g = torch.Generator().manual_seed(0)
     odd = {"a": torch.randn(3, generator=g).bfloat16(), "b": torch.randn(5, 2, generator=g),

@@ -47,9 +47,11 @@ def test_to_dict_is_the_command_line_form_and_reads_back():
 
 
 def test_method_names_are_defined_once():
-    assert METHODS == ("lora", "dora", "frozen", "linear-probe", "knn", "resnet18", "vit-small")
+    assert METHODS == ("lora", "dora", "bitfit", "layernorm", "ssf", "vpt", "adaptformer", "full", "frozen",
+                       "linear-probe", "knn", "resnet18", "vit-small")
     assert set(ADAPTER_METHODS) < set(DINO_METHODS) and not set(DINO_METHODS) & set(SCRATCH_METHODS)
-    assert {row["method"] for row in PAPER_RUNS.values()} == set(METHODS) - {"linear-probe", "knn"}  # the study's rows
+    study = {"bitfit", "layernorm", "ssf", "vpt", "adaptformer", "full", "linear-probe", "knn"}  # not the paper's rows
+    assert {row["method"] for row in PAPER_RUNS.values()} == set(METHODS) - study
 
 
 @pytest.mark.parametrize("field,value", [("alpha", 0.0), ("alpha", -2.0), ("dropout", 1.0), ("dropout", -0.1),
@@ -74,7 +76,7 @@ def test_negative_values_reach_the_range_check(capsys):
     for argv, flag in [(["--lr", "-1e-4"], "--lr"), (["--weight-decay", "-2E+1"], "--weight-decay"),
                        (["--lr", "-inf"], "--lr")]:
         with pytest.raises(SystemExit):
-            train.run_config(train.parse_args(argv))
+            train.main(argv)
         err = capsys.readouterr().err
         assert f"{flag} must be in" in err and "expected one argument" not in err, err
 
@@ -104,7 +106,7 @@ def test_help_groups_every_flag_as_the_readme_table_and_shows_allowed_values():
         assert {n.replace("_", "-") for n in names} <= shown, (group, row)
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=root, capture_output=True, text=True).stdout
-    assert "--method {lora,dora,frozen,linear-probe,knn,resnet18,vit-small}" in out and " STR" not in out
+    assert "--method {lora,dora,bitfit,layernorm,ssf,vpt,adaptformer,full,frozen,linear-probe,knn,resnet18,vit-small}" in out and " STR" not in out
     assert all(f"\n{g}:\n" in out for g in FLAG_GROUPS)
 
 

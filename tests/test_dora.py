@@ -1,4 +1,4 @@
-"""nanopeft/dora.py against HF PEFT's DoRA on single layers (docs/DORA.md "DoRA (Eq. 5)",
+"""nanopeft/methods/dora.py against HF PEFT's DoRA on single layers (docs/DORA.md "DoRA (Eq. 5)",
 "Dropout semantics"), and the fast forward against the textbook one.
 
 Tests that need PEFT or bitsandbytes skip one by one when they are missing (the helpers in conftest.py).
@@ -15,8 +15,8 @@ from conftest import ADAPTER_OUT as OUT
 from conftest import ADAPTER_R as R
 from conftest import assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4, make_linear, peft_layer
 
-from nanopeft.dora import DoRALinear
-from nanopeft.lora import base_weight
+from nanopeft.methods.dora import DoRALinear
+from nanopeft.methods.lora import base_weight
 from nanopeft.nf4_linear import NF4Linear
 
 
@@ -125,7 +125,7 @@ def test_norm_without_host_reads_equals_the_exact_one(monkeypatch):
     device value; beyond DENSE_ROWS the deepest cancellations are the ones fixed."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import nanopeft.dora as dora_mod
+    import nanopeft.methods.dora as dora_mod
 
     torch.manual_seed(0)
     do = cancelling_dora(make_linear(), [5, 40, 17])
@@ -250,7 +250,7 @@ def test_meta_magnitude_refuses_forward():
 
 def test_nf4_weight_is_dequantized_no_more_often_than_for_lora(monkeypatch):
     """W0 Aᵀ (and x̃ W0ᵀ) ride along with the base matmul: one dequantize forward, one backward."""
-    from nanopeft.lora import LoRALinear
+    from nanopeft.methods.lora import LoRALinear
     from nanopeft.nf4 import NF4Weight
 
     calls, dequantize = [], NF4Weight.dequantize
@@ -311,7 +311,7 @@ def test_the_two_dropout_modes_differ_in_training_only():
 
 def test_lora_dropout_mode_multiplies_with_w0_once(monkeypatch):
     """One frozen pass ([x; A] W0ᵀ) in "lora" mode, two row blocks of x in "peft" mode."""
-    import nanopeft.dora as dora
+    import nanopeft.methods.dora as dora
 
     rows, frozen = [], dora.frozen_matmul
     monkeypatch.setattr(dora, "frozen_matmul", lambda base, t: rows.append(t.shape[0]) or frozen(base, t))
@@ -342,7 +342,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def adapter_on(device, cls, dropout=0.0):
-    from nanopeft.lora import LoRALinear
+    from nanopeft.methods.lora import LoRALinear
 
     torch.manual_seed(0)
     layer = {"lora": LoRALinear, "dora": DoRALinear}[cls](NF4Linear.from_linear(make_linear()), R, ALPHA, dropout)
@@ -372,7 +372,7 @@ def test_cuda_adapter_on_nf4_equals_cpu(cls):
 def test_cuda_adapter_training_pass_makes_no_host_sync(cls, mode):
     """Forward and backward of an adapted NF4 layer in training (bits dropout) never wait on the GPU:
     torch's sync debug mode turns any host sync into an error (DoRA's norm: DENSE_ROWS, not nonzero())."""
-    from nanopeft.lora import LoRALinear
+    from nanopeft.methods.lora import LoRALinear
 
     torch.manual_seed(0)
     kw = {"dora_dropout": mode} if mode else {}

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluate  # noqa: E402
 import train  # noqa: E402
-from nanopeft.data import make_demo_dataset  # noqa: E402
+from nanopeft.data.folders import make_demo_dataset  # noqa: E402
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0", "--lr", "1e-3",
         "--rank", "4", "--epochs", "2", "--patience", "5"]
@@ -76,7 +76,7 @@ def test_metrics_json_and_predictions(runs, tmp_path):
 
 
 def test_prepacked_eval_equals_the_plain_layers(runs, tmp_path):
-    from nanopeft.prepack import prepack_available
+    from nanopeft.inference.prepack import prepack_available
 
     run_dirs, test = runs
     got = {}
@@ -151,7 +151,7 @@ def test_data_efficiency_sweep(tmp_path):
     import data_efficiency
     from PIL import Image
 
-    from nanopeft.data import scan_dataset
+    from nanopeft.data.folders import scan_dataset
 
     data = make_demo_dataset(tmp_path / "train", num_classes=2, per_class=10, size=(40, 32), seed=0)
     test = make_demo_dataset(tmp_path / "test", num_classes=2, per_class=4, size=(40, 32), seed=1)

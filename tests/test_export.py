@@ -11,8 +11,8 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
-from nanopeft.export import export_run, load_classifier  # noqa: E402
-from nanopeft.predict import run_classifier  # noqa: E402
+from nanopeft.inference.export import export_run, load_classifier  # noqa: E402
+from nanopeft.inference.predict import run_classifier  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -151,8 +151,8 @@ def test_one_image_one_answer(dense, tmp_path, monkeypatch, native_bf16):
 
     import eval as evaluate
     import predict
-    from nanopeft.data import make_demo_dataset
-    from nanopeft.predict import ImageFiles, list_inputs
+    from nanopeft.data.folders import make_demo_dataset
+    from nanopeft.inference.predict import ImageFiles, list_inputs
 
     monkeypatch.setenv("NANOPEFT_CPU_BF16", native_bf16)
     run, out = dense
@@ -186,7 +186,7 @@ def test_predict_with_the_export_equals_predict_with_the_run(dense, tmp_path):
     import csv
 
     import predict
-    from nanopeft.data import make_demo_dataset
+    from nanopeft.data.folders import make_demo_dataset
 
     run, out = dense
     data = make_demo_dataset(tmp_path / "imgs", num_classes=3, per_class=2, size=(40, 32), seed=3)
@@ -204,7 +204,7 @@ def test_scripts_report_damaged_files_in_one_line(dense, tmp_path, capsys, relia
 
     import eval as evaluate
     import predict
-    from nanopeft.data import make_demo_dataset
+    from nanopeft.data.folders import make_demo_dataset
 
     case = reliability_case["id"]
     run0, out0 = dense
@@ -272,10 +272,10 @@ def test_results_say_which_adapter_produced_them(dense, tmp_path, capsys):
 
     import eval as evaluate
     import predict
-    from nanopeft.data import make_demo_dataset
-    from nanopeft.run import save_run_weights
-    from nanopeft.predict import read_run, run_classifier
-    from nanopeft.save import adapter_identity
+    from nanopeft.data.folders import make_demo_dataset
+    from nanopeft.training.run_folder import save_run_weights
+    from nanopeft.inference.predict import read_run, run_classifier
+    from nanopeft.files.save import adapter_identity
 
     run0, out0 = dense
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""nanopeft/features.py: the frozen backbone's features cached once per view; the cached run is the uncached
+"""nanopeft/training/features.py: the frozen backbone's features cached once per view; the cached run is the uncached
 one when nothing random touches the backbone, and a stale cache is never reused."""
 
 import json
@@ -64,8 +64,8 @@ def test_the_cache_holds_every_view_is_reused_and_never_stale(tmp_path, train_im
     assert f.stat().st_mtime_ns == mtime and "feature cache: reused" in log
     assert "×2 per epoch" in log and "×3 per epoch" not in log  # the cache's views, not --multiplier
     from nanopeft.config import TrainConfig
-    from nanopeft.data import training_pool
-    from nanopeft.features import cache_key
+    from nanopeft.data.folders import training_pool
+    from nanopeft.training.features import cache_key
 
     cfg = TrainConfig(**json.loads((out / "config.json").read_text())["train"]).resolved()
     tr, val, _ = training_pool(cfg.data, cfg.val_fraction, cfg.split_seed)

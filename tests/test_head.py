@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopeft.head import Classifier, make_head
-from nanopeft.model import pooled_width
+from nanopeft.backbones.dinov3 import pooled_width
 
 
 def test_paper_parameter_count():
@@ -93,7 +93,7 @@ def test_classifier_casts_features_to_fp32():
 
 @pytest.mark.parametrize("pool", ["cls", "mean", "cls+mean"])
 def test_classifier_on_dinov3(pool):
-    from nanopeft.model import DINOv3ViT
+    from nanopeft.backbones.dinov3 import DINOv3ViT
     torch.manual_seed(0)
     bb = DINOv3ViT("tiny").eval()
     D = bb.config.hidden_size

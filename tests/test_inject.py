@@ -1,15 +1,15 @@
-"""nanopeft/inject.py: adapters in a whole DINOv3 ViT, against PEFT on transformers' DINOv3ViTModel."""
+"""nanopeft/methods/inject.py: adapters in a whole DINOv3 ViT, against PEFT on transformers' DINOv3ViTModel."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from nanopeft.load import load_dinov3
+from nanopeft.files.load import load_dinov3
 from nanopeft.config import PRESETS
-from nanopeft.dora import DoRALinear
-from nanopeft.inject import adapter_layers, add_adapters, init_dora_magnitudes, merge_adapters
-from nanopeft.lora import LoRALinear
-from nanopeft.model import DINOv3ViT
+from nanopeft.methods.dora import DoRALinear
+from nanopeft.methods.inject import adapter_layers, add_adapters, init_dora_magnitudes, merge_adapters
+from nanopeft.methods.lora import LoRALinear
+from nanopeft.backbones.dinov3 import DINOv3ViT
 from nanopeft.nf4_linear import NF4Linear
 
 R, ALPHA = 4, 8  # conftest's peft_model defaults
@@ -69,7 +69,7 @@ def test_gelu_model_all_linear_and_train_mode_dropout_equal_peft(tiny_ckpt, peft
 def test_one_adamw_step_equals_peft_and_leaves_the_base_alone(tiny_ckpt, peft_model, pixels, tmp_path, method):
     from safetensors.torch import load_file
 
-    from nanopeft.save import save_adapter
+    from nanopeft.files.save import save_adapter
 
     ckpt, _ = tiny_ckpt(gated=True)
     pm = peft_model(ckpt, method, "all-linear", dropout=0.1, pos_embed_rescale=None)

@@ -1,4 +1,4 @@
-"""nanopeft/lora.py against HF PEFT's LoRA on single layers (docs/DORA.md "LoRA", "Merging").
+"""nanopeft/methods/lora.py against HF PEFT's LoRA on single layers (docs/DORA.md "LoRA", "Merging").
 
 Tests that need PEFT or bitsandbytes skip one by one when they are missing (the helpers in conftest.py).
 """
@@ -15,9 +15,9 @@ from conftest import ADAPTER_OUT as OUT
 from conftest import ADAPTER_R as R
 from conftest import assert_outputs_and_grads_equal, close, copy_from_peft, make_bnb4, make_linear, peft_layer
 
-from nanopeft.inject import add_adapters, merge_adapters
-from nanopeft.dropout import SKIPS_MAX_P, BitsDropout, keep_mask, skips_keep_mask
-from nanopeft.lora import LoRALinear
+from nanopeft.methods.inject import add_adapters, merge_adapters
+from nanopeft.methods.dropout import SKIPS_MAX_P, BitsDropout, keep_mask, skips_keep_mask
+from nanopeft.methods.lora import LoRALinear
 from nanopeft.nf4_linear import NF4Linear
 
 

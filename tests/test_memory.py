@@ -1,11 +1,11 @@
-"""nanopeft/memory.py: the parts of the memory model that are exact (NF4 bytes, adapter state) and the
+"""nanopeft/training/memory.py: the parts of the memory model that are exact (NF4 bytes, adapter state) and the
 ones that must move the right way (batch, checkpointing)."""
 
 import torch
 import torch.nn as nn
 
 from nanopeft import PRESETS, DINOv3ViT, NF4Linear, add_adapters
-from nanopeft.memory import estimate_training_memory, fewest_checkpointed_blocks, nf4_bytes
+from nanopeft.training.memory import estimate_training_memory, fewest_checkpointed_blocks, nf4_bytes
 from nanopeft.nf4_linear import nf4_nbytes
 
 
@@ -56,7 +56,7 @@ def test_checkpointed_dora_counts_the_down_projections_kept_z():
 def test_the_papers_7b_setting_fits_a_16gb_gpu_with_room_to_spare():
     """7B, batch 4, 224 px, QLoRA r64 all-linear, NF4, bf16 on one GPU, every block checkpointed: what
     `train.py --dry-run` prints. Weights and trainable state are exact; the total is pinned."""
-    from nanopeft.build import build_classifier, memory_estimate
+    from nanopeft.training.build import build_classifier, memory_estimate
     from nanopeft.config import TrainConfig
 
     cfg = TrainConfig(method="lora", rank=64, targets="all-linear", batch_size=4, image_size=224).resolved()

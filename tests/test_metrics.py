@@ -1,4 +1,4 @@
-"""nanopeft.metrics against numbers worked out by hand, and against sklearn where it is installed."""
+"""nanopeft.reports.metrics against numbers worked out by hand, and against sklearn where it is installed."""
 
 import json
 import warnings
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanopeft.metrics import compute_metrics, confusion_matrix, format_report, top_confusions
+from nanopeft.reports.metrics import compute_metrics, confusion_matrix, format_report, top_confusions
 
 NAMES = ["A", "B", "C"]
 # The hand-worked example. Confusion matrix (rows = true, columns = predicted):

@@ -1,4 +1,4 @@
-"""nanopeft/kernels/nf4.cu and nanopeft/nf4_cuda.py: the NF4 CUDA kernels, bit for bit.
+"""nanopeft/kernels/nf4.cu and nanopeft/kernels/nf4_cuda.py: the NF4 CUDA kernels, bit for bit.
 
 Three ways, so that a machine without a GPU still checks the source that a GPU compiles:
 - nvcc compiles nf4.cu for sm_75, sm_80 and sm_90, any warning (or register spill) an error;
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanopeft import nf4, nf4_cuda
+from nanopeft import nf4
+from nanopeft.kernels import nf4_cuda
 from nanopeft.nf4 import quantize_nf4
 from nanopeft.nf4_linear import NF4Linear
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanopeft import plots
+from nanopeft.reports import plots
 
 
 def test_confusion_matrix_png(tmp_path):

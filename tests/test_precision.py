@@ -1,16 +1,16 @@
 """The performance levers a run chooses from its config: precision (nanopeft/device.py), which blocks
-recompute in backward (nanopeft/model.py, nanopeft/build.py plan_checkpointing) and the adapters'
+recompute in backward (nanopeft/backbones/dinov3.py, nanopeft/training/build.py plan_checkpointing) and the adapters'
 dropout mode and sampler (TrainConfig -> build.py -> add_adapters)."""
 
 import pytest
 import torch
 
 import nanopeft.device as device_mod
-import nanopeft.model as model_mod
-from nanopeft.build import build_classifier, memory_estimate, plan_checkpointing
+import nanopeft.backbones.dinov3 as model_mod
+from nanopeft.training.build import build_classifier, memory_estimate, plan_checkpointing
 from nanopeft.config import PRESETS, TrainConfig
 from nanopeft.device import choose_precision, cpu_has_native_bf16, fast_cpu_bf16, inference_precision
-from nanopeft.model import DINOv3ViT
+from nanopeft.backbones.dinov3 import DINOv3ViT
 
 CPU = torch.device("cpu")
 
@@ -144,8 +144,8 @@ def test_auto_checkpoints_the_fewest_blocks_that_fit_the_budget():
 
 
 def test_the_config_reaches_the_adapters():
-    from nanopeft.inject import adapter_layers
-    from nanopeft.dropout import BitsDropout
+    from nanopeft.methods.inject import adapter_layers
+    from nanopeft.methods.dropout import BitsDropout
 
     for mode, sampler, kind in [("lora", "torch", torch.nn.Dropout), ("peft", "bits", BitsDropout)]:
         cfg = TrainConfig(weights="w/dinov3-vits16", method="dora", rank=4, targets="q_proj", dora_dropout=mode,

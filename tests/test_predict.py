@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluate  # noqa: E402
 import predict  # noqa: E402
-from nanopeft.data import make_demo_dataset  # noqa: E402
-from nanopeft.predict import list_inputs  # noqa: E402
+from nanopeft.data.folders import make_demo_dataset  # noqa: E402
+from nanopeft.inference.predict import list_inputs  # noqa: E402
 from nanopeft.prior import em_priors  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -1,10 +1,10 @@
-"""nanopeft/prepack.py: oneDNN-prepacked Linears give nn.Linear's outputs, and pack only where they may."""
+"""nanopeft/inference/prepack.py: oneDNN-prepacked Linears give nn.Linear's outputs, and pack only where they may."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from nanopeft.prepack import PackedLinear, prepack_available, prepack_for_inference, prepack_linears
+from nanopeft.inference.prepack import PackedLinear, prepack_available, prepack_for_inference, prepack_linears
 
 needs_onednn = pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN linear ops")
 

@@ -72,7 +72,7 @@ def test_probe_runs_go_through_every_script(tmp_path, train_images, tiny_ckpt, m
     import eval as evaluate
     import export
     import predict
-    from nanopeft.export import load_classifier
+    from nanopeft.inference.export import load_classifier
 
     weights = tiny_ckpt(gated=True)[0]
     out = tmp_path / "run"

@@ -122,7 +122,7 @@ def fuzz(seed: int, count: int, workdir: Path) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from nanopeft.checkpoint import CheckpointError, SafetensorsSource
+    from nanopeft.files.checkpoint import CheckpointError, SafetensorsSource
 
     g = torch.Generator().manual_seed(seed)
     tensors = {"embed.weight": torch.randn(4, 3, generator=g), "model.norm.bias": torch.randn(5, generator=g).bfloat16(),

@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from nanopeft.balance import class_weights, sampling_weights  # noqa: E402
+from nanopeft.data.balance import class_weights, sampling_weights  # noqa: E402
 from nanopeft.config import PAPER_RUNS, PRESETS, TrainConfig  # noqa: E402
-from nanopeft.data import make_demo_dataset  # noqa: E402
-from nanopeft.distributed import MicroBatchSampler  # noqa: E402
-from nanopeft.history import EPOCH_COLUMNS, improved, keep_best, validation_scores  # noqa: E402
-from nanopeft.metrics import compute_metrics  # noqa: E402
-from nanopeft.run import new_state  # noqa: E402
-from nanopeft.save import base_model_id  # noqa: E402
+from nanopeft.data.folders import make_demo_dataset  # noqa: E402
+from nanopeft.training.distributed import MicroBatchSampler  # noqa: E402
+from nanopeft.training.history import EPOCH_COLUMNS, improved, keep_best, validation_scores  # noqa: E402
+from nanopeft.reports.metrics import compute_metrics  # noqa: E402
+from nanopeft.training.resume import LoopState  # noqa: E402
+from nanopeft.files.save import base_model_id  # noqa: E402
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0", "--rank", "4",
         "--eval-batch-size", "32", "--method", "lora", "--targets", "q_proj"]
@@ -145,21 +145,21 @@ def test_improved_and_keep_best_follow_the_metric_direction():
     assert improved(3.0, None, "val_loss", 0.0) and improved(math.nan, None, "val_loss", 0.0)  # first epoch
     assert improved(3.0, math.nan, "val_loss", 0.0) and not improved(math.nan, math.nan, "val_loss", 0.0)
     assert not improved(math.nan, 3.0, "val_loss", 0.0) and not improved(math.nan, 0.5, "val_accuracy", 0.0)
-    state = new_state()
+    state = LoopState()
     scores = [dict(val_accuracy=a, val_macro_f1=f, val_loss=v) for a, f, v in
               [(0.5, 0.4, 2.0), (0.7, 0.3, 2.5), (0.6, 0.6, 1.0), (0.8, 0.5, 1.5)]]
     kept = [keep_best(state, s, "val_loss", 1e-4, i + 1) for i, s in enumerate(scores)]
-    assert kept == [True, False, True, False] and state["best_epoch"] == 3 and state["bad_epochs"] == 1
-    assert state["best_val"] == 0.6 and state["best_score"] == 1.0
-    state = new_state()
+    assert kept == [True, False, True, False] and state.best_epoch == 3 and state.bad_epochs == 1
+    assert state.best_val == 0.6 and state.best_score == 1.0
+    state = LoopState()
     assert [keep_best(state, s, "val_macro_f1", 1e-4, i + 1) for i, s in enumerate(scores)] == [True, False, True, False]
-    state = new_state()
+    state = LoopState()
     assert [keep_best(state, s, "val_accuracy", 1e-4, i + 1) for i, s in enumerate(scores)] == [True, True, False, True]
 
 
 def test_select_metric_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
-        train.run_config(train.parse_args(["--select-metric", "val_f1"]))
+        train.main(["--select-metric", "val_f1"])
     assert "--select-metric must be one of" in capsys.readouterr().err
 
 
@@ -188,7 +188,7 @@ def test_config_flags_override_the_recorded_run(tmp_path, loss_run, capsys):
     assert train.run_config(train.parse_args(["--config", str(printed)])).lr == 1e-2
     printed.write_text(json.dumps({**recorded, "learning_rate": 1}))
     with pytest.raises(SystemExit):
-        train.run_config(train.parse_args(["--config", str(printed)]))
+        train.main(["--config", str(printed)])
     assert "learning_rate" in capsys.readouterr().err
 
 
@@ -227,8 +227,8 @@ def test_base_model_id_names_the_released_sizes(tmp_path):
 
 
 def test_saved_adapter_of_a_release_carries_its_hub_id(tmp_path, weights):
-    from nanopeft.build import build_classifier
-    from nanopeft.run import save_run_weights
+    from nanopeft.training.build import build_classifier
+    from nanopeft.training.run_folder import save_run_weights
 
     cfg = TrainConfig(method="lora", targets="q_proj", rank=4, weights=str(weights), quant="none").resolved()
     model = build_classifier(cfg, 3, torch.device("cpu"))
@@ -280,8 +280,8 @@ def test_balanced_sampler_is_seeded_sharded_and_resumable():
 
 @pytest.mark.slow
 def test_imbalanced_folder_trains_with_weights_and_balanced_sampler(tmp_path, weights):
-    from nanopeft.predict import run_train_priors
-    from nanopeft.run import read_run_config
+    from nanopeft.inference.predict import run_train_priors
+    from nanopeft.training.run_folder import read_run_config
 
     data = make_demo_dataset(tmp_path / "imb", num_classes=3, per_class=10, size=(40, 32), seed=1)
     for k, keep in ((1, 5), (2, 3)):
@@ -325,7 +325,7 @@ def test_config_with_another_method_takes_that_methods_recipe(tmp_path, loss_run
     assert (lora.batch_size, lora.grad_accum, lora.lr, lora.patience, lora.grad_checkpointing) == (4, 8, 1e-4, 5, "all")
     assert lora.image_size == 32 and lora.rank == 4  # everything else as recorded
     with pytest.raises(SystemExit):
-        train.run_config(train.parse_args(["--config", str(a), "--resume", str(a)]))
+        train.main(["--config", str(a), "--resume", str(a)])
 
 
 @pytest.mark.slow

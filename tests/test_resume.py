@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from nanopeft.run import lock_path, read_resume, staging_path  # noqa: E402
+from nanopeft.training.resume import read_resume  # noqa: E402
+from nanopeft.training.run_folder import lock_path, staging_path  # noqa: E402
 
 # 29 training images × 3 per epoch = 11 micro-batches of 8 = 6 steps of 2 (the last one short); checkpoints
 # at steps 4 (mid-epoch 1), 6 (epoch 1's end), 8 (mid-epoch 2) and 12 (the end). Dropout and the RoPE
@@ -86,7 +87,7 @@ def killed_run(tmp_path_factory, data, weights):
     assert rc == 0, err[-2000:]
     duration = time.perf_counter() - t0
     rng, log = random.Random(0), []
-    plan = [("step", rng.randint(1, 3)),      # before the first checkpoint: --resume starts from the beginning
+    plan = [("step", rng.randint(1, 3)),      # before the first resume point: --resume starts from the beginning
             ("checkpoint", 2),                # inside the 2nd resume.pt write (epoch 1's end); step 4's is kept
             ("validation", 1),                # during epoch 1's validation
             ("metrics", rng.randint(2, 6)),   # half-way through a metrics.jsonl line
@@ -126,8 +127,8 @@ def test_interrupted_training(killed_run, reliability_case):
         assert metric_rows(run) == metric_rows(ref)  # no torn, lost or replayed line
         assert not list(run.glob(".*.tmp-*")) and not list((run / "adapter").glob(".*.tmp-*"))
     elif case == "resume-no-checkpoint":
-        assert log[0][3] is None  # killed before its first checkpoint, and yet identical (above)
-        assert "no checkpoint yet, starting from the beginning" in (run / "train.log").read_text()
+        assert log[0][3] is None  # killed before its first resume point, and yet identical (above)
+        assert "no resume point yet, starting from the beginning" in (run / "train.log").read_text()
     elif case == "kill-during-checkpoint":
         assert log[1][0] == "checkpoint" and log[1][3] == 4  # the torn write left step 4's resume.pt
     elif case == "resume-finished":
@@ -261,14 +262,11 @@ def _half_a_line(real, self, **row):  # write half of a metrics.jsonl row
 
 
 if __name__ == "__main__":
-    from nanopeft.run import RunLog
+    from nanopeft.training.run_folder import RunLog
 
     fault, n = sys.argv[1], int(sys.argv[2])
     targets = {"step": (train, "get_lr", None), "validation": (train, "evaluate", None),
                "checkpoint": (torch, "save", _half_a_file), "metrics": (RunLog, "record", _half_a_line)}
     if fault in targets:
         _kill_at(n, *targets[fault])
-    try:
-        train.main(sys.argv[3:])
-    except train.RunError as e:
-        train.fail(str(e))
+    train.main(sys.argv[3:])  # its error boundary prints a RunError as one line

@@ -1,4 +1,4 @@
-"""nanopeft/save.py: PEFT-format adapter files, loadable both ways (ours -> PEFT, PEFT -> ours)."""
+"""nanopeft/files/save.py: PEFT-format adapter files, loadable both ways (ours -> PEFT, PEFT -> ours)."""
 
 import json
 import warnings
@@ -9,10 +9,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from conftest import PIXELS, make_bnb_config as bnb_config, make_peft_model as peft_model  # bridge: test_save owner moves to the fixtures
 
-import nanopeft.save as save_mod
-from nanopeft.load import load_dinov3
-from nanopeft.inject import adapter_layers, add_adapters
-from nanopeft.save import load_adapter, save_adapter
+import nanopeft.files.save as save_mod
+from nanopeft.files.load import load_dinov3
+from nanopeft.methods.inject import adapter_layers, add_adapters
+from nanopeft.files.save import load_adapter, save_adapter
 
 R, ALPHA = 4, 8
 REQUIRED = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "bias",
@@ -258,7 +258,7 @@ def damage_adapter(case, d, marker):
 
 def test_damaged_adapter(own_tiny_ckpt, tmp_path, reliability_case):
     """An adapter directory from elsewhere is refused with the file and key named, and no path unpickles."""
-    from nanopeft.checkpoint import CheckpointError
+    from nanopeft.files.checkpoint import CheckpointError
 
     case, ckpt = reliability_case["id"], own_tiny_ckpt()
     model = load_dinov3(ckpt)

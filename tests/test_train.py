@@ -146,7 +146,7 @@ def test_dry_run_prints_the_papers_counts(capsys):
     out = capsys.readouterr().out
     assert "178,257,920" in out and "4,724,745" in out and "memory model of one step" in out
     assert "NF4 weights 3.46" in out  # the 7B's frozen block Linears; the adapters' Linears are not frozen
-    assert "a 16 GB GPU: fits" in out and "40 of 40 blocks" in out  # the paper's setting (nanopeft/memory.py)
+    assert "a 16 GB GPU: fits" in out and "40 of 40 blocks" in out  # the paper's setting (nanopeft/training/memory.py)
     train.main(["--dry-run", "--method", "dora", "--rank", "16", "--targets", "q_proj"])
     assert "5,406,720" in capsys.readouterr().out
     train.main(["--list-presets"])
@@ -157,15 +157,15 @@ def test_dry_run_prints_the_papers_counts(capsys):
 
 
 def test_saved_adapter_loads_in_peft_as_the_card_shows(tmp_path, data, tiny_ckpt):
-    """adapter/README.md's PEFT snippet (nanopeft.run.peft_snippet, also in README.md), run as written:
+    """adapter/README.md's PEFT snippet (nanopeft.training.run_folder.peft_snippet, also in README.md), run as written:
     PEFT loads the adapter and the head without a warning and gives our classifier's logits."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     folder, _ = tiny_ckpt(gated=True)
     out, _ = run_train(tmp_path, "peft", "--method", "dora", "--targets", "all-linear", "--weights", folder,
                        "--data", data, "--epochs", "1", "--quant", "none", "--pool", "cls+mean")
-    from nanopeft.build import build_classifier
-    from nanopeft.run import load_run_weights
+    from nanopeft.training.build import build_classifier
+    from nanopeft.training.run_folder import load_run_weights
 
     saved = json.loads((out / "config.json").read_text())
     cfg = TrainConfig(**saved["train"])  # as read from the file: build_classifier resolves it
@@ -184,7 +184,7 @@ def test_saved_adapter_loads_in_peft_as_the_card_shows(tmp_path, data, tiny_ckpt
 
 
 def test_readme_shows_the_tested_peft_snippet():
-    from nanopeft.run import peft_snippet
+    from nanopeft.training.run_folder import peft_snippet
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "\n".join(peft_snippet("weights/dinov3-vit7b16", "runs/<run>/adapter", 9)) in readme
@@ -246,7 +246,8 @@ def test_bad_argument(tmp_path, data, weights, capsys, reliability_case):
 
 
 def test_numerical_fault(tmp_path, data, weights, capsys, monkeypatch, reliability_case):
-    from nanopeft.run import load_run_weights, read_resume
+    from nanopeft.training.resume import read_resume
+    from nanopeft.training.run_folder import load_run_weights
 
     case = reliability_case["id"]
     args = ["--method", "lora", "--targets", "q_proj", "--weights", weights, "--data", data, "--epochs", "2"]
@@ -267,7 +268,7 @@ def test_numerical_fault(tmp_path, data, weights, capsys, monkeypatch, reliabili
         assert e.value.code != 0 and last.startswith("error: step 1") and f"Kept: {out / 'resume.pt'}" in last, last
         ck = read_resume(out)
         assert ck["state"]["step"] == 11 and all(torch.isfinite(t).all() for t in ck["trainable"].values())
-        from nanopeft.build import build_classifier
+        from nanopeft.training.build import build_classifier
 
         cfg = TrainConfig(**json.loads((out / "config.json").read_text())["train"])
         model = build_classifier(cfg, 3, torch.device("cpu"), adapters=False)
