@@ -55,7 +55,7 @@ from .checkpoint_format import (CheckpointError, atomic_write, check_finite, par
                                 read_safetensors_header)
 from ..config import PRESETS
 from ..methods.dora import DoRALinear
-from ..methods.inject import adapter_layers, add_adapters
+from ..methods.inject import adapter_layers, add_adapters, method_of, method_settings, method_tensors
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -64,7 +64,10 @@ EXTRA_META = "nanopeft_extra_state"  # safetensors metadata: JSON list of the ex
 ID_META = "nanopeft_adapter_id"       # safetensors metadata: the content hash of the tensors (adapter_identity)
 EPOCH_META = "nanopeft_epoch"         # safetensors metadata: the training epoch the tensors are from, if given
 # config fields that identify an adapter: a directory holding a different one is not silently overwritten
-IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "modules_to_save")
+IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "modules_to_save",
+            "nanopeft_method", "prompts", "rank", "adapter_scale")
+LN_TARGETS = ["norm1", "norm2", "norm"]  # PEFT's LNTuningConfig target_modules for DINOv3's LayerNorms
+BACKBONE_NAME = "model.safetensors"      # --method full: the whole backbone in hub keys, beside the adapter file
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
                "fan_in_fan_out", "lora_bias", "bias")
 
@@ -86,8 +89,30 @@ def _adapter_tensors(name: str, w: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def file_key(name: str, method: str | None) -> str:
+    """A trained tensor's name in the backbone -> its key in adapter_model.safetensors after `base_model.model.`:
+    PEFT's layout (LayerNorm tuning: PEFT's LN_TUNING copy of the norm, `<norm>.ln_tuning_layers.<weight|bias>`)."""
+    if method == "layernorm":
+        module, _, attr = name.rpartition(".")
+        return f"{peft_path(module)}.ln_tuning_layers.{attr}"
+    return peft_path(name)
+
+
+def from_file_key(key: str) -> str:
+    """The inverse of file_key, for either PEFT layout."""
+    return from_peft_path(key.replace(".ln_tuning_layers.", "."))
+
+
 def adapter_config(model: nn.Module, *, head: bool = False, base_model_name_or_path=None) -> dict:
-    """The adapter_config.json of the model's adapters (they must share method, r, alpha, dropout)."""
+    """The adapter_config.json of the model's method: PEFT's LoraConfig (LoRA, DoRA) or LNTuningConfig
+    (LayerNorm tuning), else nanopeft's own (peft_type NANOPEFT, which PEFT refuses: docs/METHODS.md)."""
+    method = method_of(model)
+    common = {"task_type": None, "base_model_name_or_path": base_model_name_or_path, "revision": None,
+              "inference_mode": True, "modules_to_save": [HEAD] if head else None}
+    if method == "layernorm":
+        return {"peft_type": "LN_TUNING", **common, "target_modules": LN_TARGETS, "exclude_modules": None}
+    if method not in (None, "lora", "dora"):
+        return {"peft_type": "NANOPEFT", "nanopeft_method": method, **common, **method_settings(model)}
     layers = adapter_layers(model)
     kinds = {(type(w).__name__, w.rank, w.alpha, w.use_rslora, getattr(w.lora_dropout, "p", 0.0)) for _, w in layers}
     if len(kinds) > 1:
@@ -193,10 +218,12 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     """
     directory = Path(directory)
     config = adapter_config(model, head=head is not None, base_model_name_or_path=base_model_name_or_path)
-    tensors = {}
-    for name, w in adapter_layers(model):
-        for key, t in _adapter_tensors(peft_path(name), w).items():
-            tensors[PREFIX + key] = t
+    method, tensors, backbone = method_of(model), {}, {}
+    for name, t in method_tensors(model).items():
+        if method == "full":  # the whole backbone: its own file, in hub keys (load_dinov3 reads the folder)
+            backbone[name] = t
+        else:
+            tensors[PREFIX + file_key(name, method)] = t
     for key, t in (head.state_dict() if head is not None else {}).items():
         tensors[f"{PREFIX}{HEAD}.{key}"] = t
     extra = dict(extra_state or {})
@@ -205,18 +232,19 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
             raise ValueError(f"extra_state[{key!r}] must be a tensor whose name differs from the adapter "
                              f"and head keys")
         tensors[PREFIX + key] = t
-    if not tensors:
+    if not tensors and not backbone:
         raise ValueError("save_adapter: the model has no adapters and no head or extra_state was given")
     meta = [k for k, t in tensors.items() if t.is_meta]
     if meta:
         raise ValueError(f"save_adapter: {meta[:3]} are on the meta device (call init_dora_magnitudes "
                          f"after loading the base weights)")
-    seen = set()
-    for k, t in tensors.items():
-        t = tensors[k] = t.detach().to("cpu").contiguous()
-        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors that share memory
-            t = tensors[k] = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
+    for group in (tensors, backbone):
+        seen = set()
+        for k, t in group.items():
+            t = group[k] = t.detach().to("cpu").contiguous()
+            if t.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors that share memory
+                t = group[k] = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
 
     directory.mkdir(parents=True, exist_ok=True)
     old = directory / CONFIG_NAME
@@ -229,8 +257,10 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     elif not overwrite and (directory / WEIGHTS_NAME).exists():
         raise FileExistsError(f"{directory / WEIGHTS_NAME} exists without an {CONFIG_NAME}; "
                               f"pass overwrite=True or another directory")
-    metadata = {"format": "pt", EXTRA_META: json.dumps(sorted(extra)), ID_META: tensors_id(tensors),
+    metadata = {"format": "pt", EXTRA_META: json.dumps(sorted(extra)), ID_META: tensors_id({**tensors, **backbone}),
                 **({EPOCH_META: str(int(epoch))} if epoch is not None else {})}
+    if backbone:  # written first: the adapter file (its id covers both) names a complete pair
+        atomic_write(directory / BACKBONE_NAME, lambda p: save_file(backbone, str(p), metadata={"format": "pt"}))
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     atomic_write(old, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     readme = directory / CARD_NAME
@@ -257,8 +287,13 @@ def _our_targets(model: nn.Module, targets):
 
 def _check_config(cfg: dict, cfg_path: Path) -> None:
     """The fields load_adapter uses, type-checked so a damaged config fails here, naming the field."""
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    kind = cfg.get("peft_type", "LORA")
+    if kind not in ("LORA", "LN_TUNING", "NANOPEFT"):
+        raise CheckpointError(f"{cfg_path}: peft_type {kind!r} is not supported (LORA, LN_TUNING, NANOPEFT)")
+    if kind == "NANOPEFT" and cfg.get("nanopeft_method") not in ("bitfit", "ssf", "vpt", "adaptformer", "full"):
+        raise CheckpointError(f"{cfg_path}: unknown nanopeft_method {cfg.get('nanopeft_method')!r}")
+    if kind != "LORA":
+        return
     for field in UNSUPPORTED:  # PEFT features we do not implement: refuse rather than load something else
         if cfg.get(field) not in (None, False, "none", {}, []):
             raise CheckpointError(f"{cfg_path}: {field}={cfg[field]!r} is not supported by nanopeft")
@@ -312,8 +347,8 @@ def _sort_keys(tensors: dict, expected: dict, heads: tuple, extra_names: set, w_
             extra[rest] = t
         elif heads and rest.startswith(heads):
             head_sd[rest.partition(".")[2]] = t
-        elif from_peft_path(rest) in expected:  # either layout: `layer.N...` or `model.layer.N...`
-            found[from_peft_path(rest)] = t
+        elif from_file_key(rest) in expected:  # either layout: `layer.N...` or `model.layer.N...`
+            found[from_file_key(rest)] = t
         else:
             unknown.append(key)
     if unknown:
@@ -331,17 +366,9 @@ def _sort_keys(tensors: dict, expected: dict, heads: tuple, extra_names: set, w_
     return found, head_sd, extra
 
 
-def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.Module | None = None) -> dict:
-    """Load a PEFT-format adapter into `model` in place (injecting it first if the model has none).
-
-    Both key layouts load: transformers 5 (`base_model.model.model.layer.N...`) and 4
-    (`base_model.model.layer.N...`). trainable=False freezes the loaded adapters (evaluation);
-    True leaves them trainable (resume training). head: a module to load the saved head into.
-    Returns the extra tensors saved with extra_state, {name: tensor} (empty if none).
-    """
-    directory = Path(directory)
-    w_path = directory / WEIGHTS_NAME
-    cfg, tensors, extra_names = _read(directory)
+def _lora_into(model: nn.Module, cfg: dict, directory: Path) -> dict:
+    """A LoraConfig's adapters into the model (injected if it has none; else they must be the file's kind);
+    returns the tensors the file must hold, by our name."""
     use_dora = bool(cfg.get("use_dora"))
     layers = adapter_layers(model)
     if not layers and cfg.get("target_modules"):
@@ -355,8 +382,43 @@ def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.
         if have != want:
             raise CheckpointError(f"{name}: the model's adapter (dora, r, alpha, rslora) = {have} does not match "
                                   f"{directory / CONFIG_NAME}'s {want}")
+    return {k: t for name, w in layers for k, t in _adapter_tensors(name, w).items()}
 
-    expected = {k: t for name, w in layers for k, t in _adapter_tensors(name, w).items()}
+
+def _read_backbone(directory: Path) -> dict:
+    """--method full's backbone file (safetensors only, header validated, values finite)."""
+    path = directory / BACKBONE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a full fine-tuning adapter keeps its backbone there")
+    header = read_safetensors_header(path)
+    with safe_open(path, "pt") as f:
+        return {k: check_finite(f.get_tensor(k), k, path) for k in header.tensors}
+
+
+def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.Module | None = None) -> dict:
+    """Load a PEFT-format adapter into `model` in place (injecting it first if the model has none).
+
+    Both key layouts load: transformers 5 (`base_model.model.model.layer.N...`) and 4
+    (`base_model.model.layer.N...`). trainable=False freezes the loaded adapters (evaluation);
+    True leaves them trainable (resume training). head: a module to load the saved head into.
+    Returns the extra tensors saved with extra_state, {name: tensor} (empty if none).
+    """
+    directory = Path(directory)
+    w_path = directory / WEIGHTS_NAME
+    cfg, tensors, extra_names = _read(directory)
+    if cfg.get("peft_type", "LORA") == "LORA":
+        expected = _lora_into(model, cfg, directory)
+    else:  # LayerNorm tuning (PEFT's LN_TUNING) or one of nanopeft's (NANOPEFT): docs/METHODS.md
+        method = "layernorm" if cfg["peft_type"] == "LN_TUNING" else cfg["nanopeft_method"]
+        if method_of(model) is None:
+            add_adapters(model, method=method, rank=cfg.get("rank"), dropout=cfg.get("dropout") or 0.0,
+                         prompts=cfg.get("prompts", 10), adapter_scale=cfg.get("adapter_scale", 0.1))
+        elif method_of(model) != method:
+            raise CheckpointError(f"{directory / CONFIG_NAME} holds a {method} adapter; the model has "
+                                  f"{method_of(model)}")
+        expected = method_tensors(model)
+        if method == "full":  # the backbone's own file, in hub keys
+            tensors = {**tensors, **{PREFIX + peft_path(k): t for k, t in _read_backbone(directory).items()}}
     heads = tuple(f"{h}." for h in (cfg.get("modules_to_save") or []))
     found, head_sd, extra = _sort_keys(tensors, expected, heads, extra_names, w_path)
 
@@ -370,9 +432,8 @@ def load_adapter(model: nn.Module, directory, trainable: bool = False, head: nn.
                 setattr(owner, attr, nn.Parameter(t.to(p.dtype)))
             else:
                 p.copy_(t)
-    for _, w in layers:
-        for t in _adapter_tensors("", w).values():
-            t.requires_grad_(trainable)
+    for t in method_tensors(model).values():
+        t.requires_grad_(trainable)
 
     if head is not None:
         if not head_sd:

@@ -37,8 +37,12 @@ from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..files.checkpoint import parse_dtype
 from ..files.checkpoint_format import default_mode, read_json, read_safetensors_header
 from ..files.save import base_model_id  # the hub id of a released backbone, else its path
+from ..methods.adaptformer import unwrap_adaptformer
+from ..methods.inject import method_of, method_settings, method_tensors
+from ..methods.vpt import unwrap_vpt
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+METHOD_FILE = "method.safetensors"  # VPT / AdaptFormer: what they add to the backbone (fp32), beside it
 
 
 def densify(backbone: nn.Module) -> int:
@@ -138,6 +142,12 @@ def _val_accuracy(run: Path) -> float | None:
 def _dino_files(model, tmp: Path, cfg, saved: dict, dtype: torch.dtype, quantize: str | None) -> dict:
     """model.safetensors + config.json of a DINOv3 run's backbone; returns config.json's dict."""
     backbone = model.backbone
+    added = method_tensors(backbone) if method_of(backbone) in ("vpt", "adaptformer") else {}
+    settings = {"method": method_of(backbone), **method_settings(backbone)} if added else None
+    if added:  # not linear in the weights: the plain backbone in hub keys, the added tensors beside it
+        save_file({k: t.detach().float().contiguous() for k, t in added.items()}, str(tmp / METHOD_FILE),
+                  metadata={"format": "pt"})
+        (unwrap_vpt if settings["method"] == "vpt" else unwrap_adaptformer)(backbone)
     densify(backbone)
     backbone.to(dtype)
     if quantize == "nf4":
@@ -146,6 +156,12 @@ def _dino_files(model, tmp: Path, cfg, saved: dict, dtype: torch.dtype, quantize
     c = backbone.config
     d = {k: v for k, v in c.extra.items() if k != "quantization_config"}
     d.update(c.to_dict(), dtype=str(dtype).removeprefix("torch."), **labels(saved["class_names"]))
+    att, mlp = backbone.layer[0].attention, backbone.layer[0].mlp  # SSF's merge may have added biases
+    d.update(query_bias=att.q_proj.bias is not None, key_bias=att.k_proj.bias is not None,
+             value_bias=att.v_proj.bias is not None, proj_bias=att.o_proj.bias is not None,
+             mlp_bias=mlp.up_proj.bias is not None)
+    if settings:
+        d["nanopeft_added_method"] = {**settings, "file": METHOD_FILE}
     if quantize == "nf4":
         d["quantization_config"] = quantization_config(dtype)
     return d
@@ -214,6 +230,26 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
 
 
 # ----------------------------------------------------------------------------- loading one back
+def add_method_back(backbone: nn.Module, settings: dict, directory: Path) -> None:
+    """An export's VPT prompts or AdaptFormer branch (METHOD_FILE) back into its plain backbone, frozen."""
+    from ..methods.inject import add_adapters
+
+    kw = {k: settings[k] for k in ("rank", "prompts", "adapter_scale", "dropout") if k in settings}
+    method = settings.get("method")
+    if method not in ("vpt", "adaptformer"):
+        raise ValueError(f"{directory / 'config.json'}: nanopeft_added_method {method!r} is not vpt or adaptformer")
+    add_adapters(backbone, method=method, **kw)
+    tensors, _ = _read(directory / settings.get("file", METHOD_FILE))
+    want = method_tensors(backbone)
+    if set(tensors) != set(want):
+        odd = sorted(set(tensors) ^ set(want))
+        raise ValueError(f"{directory / METHOD_FILE}: {len(odd)} tensor(s) do not fit the {method} model, e.g. {odd[0]!r}")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            want[k].copy_(t)
+    backbone.requires_grad_(False)
+
+
 def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto") -> nn.Module:
     """The ready classifier of an export folder alone (no run folder, no original backbone), in eval
     mode, computing as eval.py and predict.py do by default: `precision` is theirs (auto: fp32 on every CPU,
@@ -250,6 +286,8 @@ def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto"
         model = model.to(device=device, dtype=parse_dtype(dtype) or torch.float32)
     else:
         backbone = load_dinov3(directory, dtype=weights_dtype, device=device)
+        if conf.get("nanopeft_added_method"):  # VPT's prompts or AdaptFormer's branch, beside the backbone
+            add_method_back(backbone, conf["nanopeft_added_method"], directory)
         kind = h.get("kind", "mlp")
         if kind == "knn":
             head = KNNProbe(head_sd["bank"], head_sd["labels"], len(names), k=h.get("k", 20), t=h.get("temperature", 0.07))

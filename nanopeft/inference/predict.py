@@ -84,7 +84,7 @@ def run_classifier(run, device, dtype=None, weights=None, merge: str = "yes"):
         raise FileNotFoundError(f"the run's backbone {cfg.weights} does not exist here; pass --weights PATH")
     model = build_classifier(cfg, saved["num_classes"], device, dtype=dtype or torch.float32, adapters=False)
     load_run_weights(model, cfg, Path(run) / "adapter")
-    if merge != "no" and cfg.method in ("lora", "dora"):
+    if merge != "no" and cfg.method in ("lora", "dora", "ssf"):  # the methods linear in the weights
         merge_adapters(model.backbone, requantize=(merge == "requantize"))
     return model.eval(), saved
 

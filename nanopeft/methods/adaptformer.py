@@ -59,7 +59,7 @@ class AdaptFormerBlock(nn.Module):
 
     def adapter(self, x: torch.Tensor) -> torch.Tensor:
         """x̃ = up(dropout(ReLU(down(x)))), (B, N, D) fp32."""
-        h = F.relu(self.down(x.to(self.down.weight.dtype)))    # (B, N, r)
+        h = F.relu(self.down(x.float()))                       # (B, N, r), fp32 like the adapter
         return self.up(self.adapter_dropout(h))                 # (B, N, D)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -38,14 +38,45 @@ import torch.nn as nn
 from ..backbones.dinov3 import BLOCK_LAST_LINEAR, in_block
 from ..config import ADAPTER_METHODS, DORA_DROPOUT_MODES, TUNED_METHODS
 from .adaptformer import AdaptFormerBlock, add_adaptformer
-from .bitfit import add_bitfit
+from .bitfit import add_bitfit, bitfit_names
 from .dora import DoRALinear
-from .layernorm import add_layernorm
+from .layernorm import add_layernorm, layernorm_names
 from .lora import LoRALinear, base_device, check_adapter_args, init_lora_pair, is_linear
 from .ssf import SSF, add_ssf, ssf_layers
 from .vpt import PromptedBlock, add_vpt
 
 ADAPTERS = dict(zip(ADAPTER_METHODS, (LoRALinear, DoRALinear)))  # "lora" -> LoRALinear, "dora" -> DoRALinear
+
+
+def method_of(model: nn.Module) -> str | None:
+    """The method add_adapters put into the backbone (None: none, or LoRA/DoRA/SSF merged away)."""
+    return getattr(model, "nanopeft_method", None)
+
+
+def method_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What the backbone's method trains, by parameter name: what its adapter file holds. A wrapper's own
+    parameters (LoRA's A and B, DoRA's m, SSF's γ and β, VPT's prompts, AdaptFormer's down and up), or the
+    model's own tensors that BitFit (biases), LayerNorm tuning (norms) and full fine-tuning (all) train."""
+    method, params = method_of(model), dict(model.named_parameters())
+    if method == "full":
+        return params
+    if method == "bitfit":
+        return {n: params[n] for n in bitfit_names(model)}
+    if method == "layernorm":
+        return {n: params[n] for n in layernorm_names(model)}
+    return {f"{name}.{k}": p for name, m in model.named_modules() if isinstance(m, WRAPPERS)
+            for k, p in m.named_parameters() if not k.startswith("base_layer.")}
+
+
+def method_settings(model: nn.Module) -> dict:
+    """The add_adapters arguments that rebuild the backbone's method (for its adapter file's config)."""
+    blocks = [m for m in model.modules() if isinstance(m, (PromptedBlock, AdaptFormerBlock))]
+    if not blocks:
+        return {}
+    b = blocks[0]
+    if isinstance(b, PromptedBlock):
+        return {"prompts": b.num_prompts, "dropout": b.prompt_dropout.p}
+    return {"rank": b.rank, "adapter_scale": b.scale, "dropout": b.adapter_dropout.p}
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

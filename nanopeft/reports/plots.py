@@ -331,3 +331,84 @@ def save_reliability_diagram(curves: list[tuple[str, list[dict], float]], path,
     if entries:
         panel.legend(entries, corner="upper left")
     return _finish(img, path)
+
+
+# ----------------------------------------------------------------------------- method comparison
+# matplotlib's "tab10" order: one colour per method, in the order the rows are given
+PALETTE = [BLUE, ORANGE, GREEN, (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127),
+           (188, 189, 34), (23, 190, 207)]
+BUBBLE_MAX_R, BUBBLE_MIN_R, BUBBLE_ALPHA = 40, 4, 150  # pixels; fill opacity (0-255): overlaps stay readable
+
+
+def bubble_radius(params: float, largest: float, r_max: float = BUBBLE_MAX_R) -> float:
+    """Radius (pixels) of a bubble whose AREA is proportional to params: the largest count gets r_max, half
+    of it r_max/√2. Never below BUBBLE_MIN_R, so a method with a few thousand parameters stays visible."""
+    if largest <= 0:
+        return float(BUBBLE_MIN_R)
+    return max(float(BUBBLE_MIN_R), r_max * math.sqrt(max(float(params), 0.0) / largest))
+
+
+def human_count(n: float) -> str:
+    """731145 -> '731k', 1422473 -> '1.42M', 950 -> '950': parameter counts in a label."""
+    n = float(n)
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            v = n / div
+            return f"{v:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def save_bubble_chart(rows: list[dict], path, title: str = "Methods") -> Path:
+    """Test accuracy against peak memory, one bubble per method, its AREA proportional to the trainable
+    parameters (bubble_radius), its name beside it; a legend on the right names each method's colour and
+    parameter count. rows: {method, accuracy, peak_memory_mb, trainable_parameters}, in the order their
+    colours are given (PALETTE); a row without a number (a failed method) is listed in the legend as failed.
+    Bubbles are translucent and clipped to the plotting box; the smaller ones are drawn on top."""
+    keys = ("accuracy", "peak_memory_mb", "trainable_parameters")
+    ok = lambda r: all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in keys)
+    colours = {r["method"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
+    drawn = [r for r in rows if ok(r)]
+    img = Image.new("RGB", (1120, 600), "white")
+    box = (110, 60, 790, 500)
+    xs, ys = [r["peak_memory_mb"] for r in drawn], [r["accuracy"] for r in drawn]
+    x_lo, x_hi = _span(xs or [0.0, 1.0], pad=0.12)
+    y_lo, y_hi = _span(ys or [0.0, 1.0], pad=0.15)
+    panel = Panel(img, box, (max(0.0, x_lo), x_hi), (max(0.0, y_lo), min(1.0, y_hi)))  # memory >= 0, 0 <= accuracy <= 1
+    panel.axes("peak memory (MB)", "test accuracy", title)
+
+    largest = max([r["trainable_parameters"] for r in drawn] or [0])
+    bubbles = []
+    for r in drawn:
+        cx, cy = panel.px(r["peak_memory_mb"], r["accuracy"])
+        bubbles.append((bubble_radius(r["trainable_parameters"], largest), cx, cy, r))
+    bubbles.sort(key=lambda b: -b[0])  # big ones first: a small bubble is never hidden under a big one
+    layer = Image.new("RGBA", img.size, (255, 255, 255, 0))
+    ld = ImageDraw.Draw(layer)
+    for rad, cx, cy, r in bubbles:
+        c = colours[r["method"]]
+        ld.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=(*c, BUBBLE_ALPHA), outline=(*c, 255))
+    clip = Image.new("L", img.size, 0)
+    ImageDraw.Draw(clip).rectangle([box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1], fill=255)
+    layer.putalpha(Image.composite(layer.getchannel("A"), clip, clip))  # nothing spills over the axes
+    img = Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
+    d, f = ImageDraw.Draw(img), font(13)
+    for rad, cx, cy, r in bubbles:  # names beside the bubbles, right of them unless that leaves the box
+        label = str(r["method"])
+        w, h = text_size(d, label, f)
+        x = cx + rad + 4 if cx + rad + 4 + w <= box[2] - 4 else cx - rad - 4 - w
+        d.text((x, cy - h / 2 - 3), label, font=f, fill=INK)
+
+    x0, y = box[2] + 30, box[1]  # legend: colour, method, parameter count
+    d.text((x0, y), "trainable parameters", font=font(14), fill=INK)
+    d.text((x0, y + 18), "(bubble area)", font=f, fill=(110, 110, 110))
+    y += 48
+    for r in rows:
+        c = colours[r["method"]]
+        if ok(r):
+            d.ellipse([x0, y - 7, x0 + 14, y + 7], fill=c)
+            d.text((x0 + 22, y - 9), f"{r['method']}  {human_count(r['trainable_parameters'])}", font=f, fill=INK)
+        else:
+            d.ellipse([x0, y - 7, x0 + 14, y + 7], outline=GREY)
+            d.text((x0 + 22, y - 9), f"{r['method']}  failed", font=f, fill=(150, 150, 150))
+        y += 24
+    return _finish(img, path)
