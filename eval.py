@@ -34,6 +34,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -53,10 +54,10 @@ from nanopeft.inference.predict import adapter_provenance, read_run, run_calibra
 from nanopeft.prior import check_method, correct
 
 
-def load_model(run: str, device, amp, weights: str | None, merge: str):
+def load_model(run: str, device, amp, weights: str | None, merge: str, wise: float = 1.0, backbones=None):
     """Rebuild the run's classifier, load what it trained, and (by default) merge the adapters."""
     read_run(run)  # its errors first
-    return run_classifier(run, device, amp, weights=weights, merge=merge)
+    return run_classifier(run, device, amp, weights=weights, merge=merge, wise=wise, backbones=backbones)
 
 
 def test_items(args, cfg: TrainConfig, saved: dict) -> tuple[list, dict[str, int]]:
@@ -156,7 +157,8 @@ def combine_speed(a: dict, b: dict) -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="run folder written by train.py")
-    p.add_argument("--ensemble", nargs="+", metavar="RUN", help="several runs: their logits are averaged")
+    p.add_argument("--ensemble", nargs="+", metavar="RUN", help="several runs, of any methods: their logits are "
+                   "averaged; metrics.json `ensemble` has each member's accuracy, their disagreement, the oracle")
     p.add_argument("--data", help="test image folder or CSV manifest (path,label[,source])")
     p.add_argument("--split", choices=["test", "val"], default="test", help="val: the run's validation split")
     p.add_argument("--out", help="metrics.json path, or a folder to hold it (default: RUN/metrics.json); "
@@ -168,6 +170,9 @@ def parse_args(argv):
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--merge", default="yes", choices=["yes", "requantize", "no"],
                    help="fold adapters into the base (yes: compute dtype; requantize: back to NF4; no)")
+    p.add_argument("--wise", type=float, default=1.0, metavar="A",
+                   help="WiSE-FT: interpolate the fine-tuned backbone with the pretrained one, (1-A)·θ0 + A·θ1 "
+                        "(1: the run as trained; 0: the pretrained backbone with the fine-tuned head)")
     p.add_argument("--prepack", default="auto", choices=["auto", "no"],
                    help="CPU, fp32: reorder the merged Linear weights once for oneDNN (auto; same outputs)")
     p.add_argument("--speed-reps", type=int, default=20, help="timed calls per speed measurement (0: skip)")
@@ -192,32 +197,49 @@ def parse_args(argv):
     return args
 
 
-def ensemble_logits(args, items, image_size: int, names: list[str], device, amp):
-    """Average logits of the runs, the loop's wall time, the (combined) speed measurement, and the line
-    saying whether the Linears were prepacked."""
-    ds = ImageDataset(items, image_size=image_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda")
-    logits, wall, speed = 0, 0.0, {}
+def ensemble_logits(args, items, names: list[str], device, amp):
+    """Each member's (N, C) logits, (M, N, C), the loop's wall time, the (combined) speed measurement, and the
+    line saying whether the Linears were prepacked. Each member runs with its own settings (its image size
+    here; its pooling and method live in its model); the pretrained backbone is read from disk once and each
+    member gets a copy (run_classifier's cache), merged into that copy, then freed."""
+    per, wall, speed, backbones = [], 0.0, {}, {} if len(args.runs) > 1 else None
     for i, run in enumerate(args.runs):
-        model, saved = load_model(run, device, amp, args.weights, args.merge)
-        packing = prepack_for_inference(model, device, amp, args.batch_size, image_size, args.prepack == "auto")
+        cfg, _ = read_run(run)
+        model, saved = load_model(run, device, amp, args.weights, args.merge, args.wise, backbones)
+        packing = prepack_for_inference(model, device, amp, args.batch_size, cfg.image_size, args.prepack == "auto")
         if i == 0:
             print(packing)
         if saved["class_names"] != names:
             raise ValueError(f"--ensemble: {shown(run)} was trained on classes {saved['class_names']}, {shown(args.runs[0])} "
                  f"on {names}")
+        loader = torch.utils.data.DataLoader(ImageDataset(items, image_size=cfg.image_size), batch_size=args.batch_size,
+                                             num_workers=args.workers, pin_memory=device.type == "cuda")
         threads = torch.get_num_threads()
         if device.type == "cpu" and args.workers > 0:  # leave the workers their cores
             torch.set_num_threads(threads_beside_workers(args.workers))
         out, t = predict(model, loader, device, amp, desc=f"eval {Path(run).name}")
         torch.set_num_threads(threads)  # speed is measured without workers, on every thread
-        logits, wall = logits + out, wall + t
+        per.append(out)
+        wall += t
         if args.speed_reps:
-            speed = combine_speed(speed, measure_speed(model, items, image_size, args.batch_size, device, amp,
+            speed = combine_speed(speed, measure_speed(model, items, cfg.image_size, args.batch_size, device, amp,
                                                        args.speed_reps))
         del model
-    return logits / len(args.runs), wall, speed, packing
+    return torch.stack(per), wall, speed, packing
+
+
+def members_report(per: torch.Tensor, labels: list[int], runs: list[str]) -> dict:
+    """How an ensemble's members differ (the unifying study's complementary mistakes, Mai et al. 2025): each
+    member's accuracy, the fraction of images each pair labels differently, and the oracle accuracy (the
+    fraction that at least one member gets right: what a perfect chooser among them would score)."""
+    pred, y = per.argmax(-1), torch.tensor(labels)           # (M, N), (N,)
+    right = pred == y                                       # (M, N)
+    names = [shown(Path(r).name) for r in runs]
+    disagree = {f"{names[i]} vs {names[j]}": float((pred[i] != pred[j]).float().mean())
+                for i in range(len(runs)) for j in range(i + 1, len(runs))}
+    return {"members": [{"run": shown(r), "accuracy": float(right[i].float().mean())} for i, r in enumerate(runs)],
+            "pairwise_disagreement": disagree, "oracle_accuracy": float(right.any(0).float().mean()),
+            "combination": "mean of the members' logits"}
 
 
 def score(items, probs: torch.Tensor, names: list[str]) -> dict:
@@ -258,7 +280,8 @@ def prior_corrected(args, probs: torch.Tensor, cal, source, cfg0, saved0, names)
     if cal is not None:
         what = "the mean calibrated validation posterior"
     else:
-        source, what = run_train_priors(cfg0, saved0), "the training class shares (uncalibrated: not advised)"
+        source = np.mean([run_train_priors(*read_run(r)) for r in args.runs], axis=0)  # each member's own
+        what = "the training class shares (uncalibrated: not advised)"
     fixed, info = correct(probs, args.prior_correction, source, names)
     info.update(posteriors=f"{cal.kind}-calibrated" if cal is not None else "uncalibrated", source_priors=what)
     if info["method"] == "em":
@@ -358,7 +381,8 @@ def main(argv=None) -> dict:
     # a --skip-bad run left its unreadable images out of its validation split, so does the rebuilt split
     items, skipped = readable(items, args.skip_bad or (args.split == "val" and cfg0.skip_bad))
     cal, source = calibrated(args)  # before the test pass: its faults are one line, not hours later
-    logits, wall, speed, packing = ensemble_logits(args, items, saved0["train"]["image_size"], names, device, amp)
+    per, wall, speed, packing = ensemble_logits(args, items, names, device, amp)
+    logits = per.mean(0)                                   # (N, C): the members' logits averaged
     probs = logits.softmax(-1)
     cprobs = cal.apply(logits).softmax(-1).float() if cal is not None else None  # calibrated posteriors
     fixed, info = prior_corrected(args, cprobs if cal is not None else probs, cal, source, cfg0, saved0, names)
@@ -376,7 +400,11 @@ def main(argv=None) -> dict:
                    inference_path=f"{path}; {packing}", precision=precision_name(amp),
                    adapter_id=adapters[0]["adapter_id"] if len(adapters) == 1 else [a["adapter_id"] for a in adapters],
                    adapter_epoch=adapters[0]["adapter_epoch"] if len(adapters) == 1 else [a["adapter_epoch"] for a in adapters],
-                   skipped=skipped, unseen_classes={shown(k): n for k, n in unseen.items()})
+                   skipped=skipped, unseen_classes={shown(k): n for k, n in unseen.items()}, wise=args.wise)
+    if len(args.runs) > 1:
+        metrics["ensemble"] = members_report(per, labels, args.runs)
+        print("ensemble: " + ", ".join(f"{m['run']} {m['accuracy']:.4f}" for m in metrics["ensemble"]["members"])
+              + f"; together {metrics['accuracy']:.4f}, oracle {metrics['ensemble']['oracle_accuracy']:.4f}")
     if fixed is not None:
         metrics.update(corrected=scored(items, fixed, names), prior_correction=info)
         metrics["calibration_metrics"]["prior-corrected"] = calibration_metrics(fixed, labels)

@@ -83,7 +83,7 @@ def test_prepacked_eval_equals_the_plain_layers(runs, tmp_path):
     for mode in ("no", "auto"):
         out = tmp_path / mode / "metrics.json"
         got[mode] = evaluate.main(["--run", str(run_dirs["lora"]), "--data", str(test), "--out", str(out),
-                                   "--workers", "0", "--speed-reps", "0", "--prepack", mode])
+                                   "--workers", "0", "--speed-reps", "0", "--prepack", mode, "--batch-size", "1"])
         got[mode]["rows"] = list(csv.DictReader(open(out.with_name("predictions.csv"))))
     assert got["no"]["inference_path"].endswith("CPU weight prepacking: off (--prepack no)")
     if prepack_available():

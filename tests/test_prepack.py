@@ -81,7 +81,8 @@ def test_prepack_for_inference_says_what_it_did(own_tiny_ckpt):
     assert "not used (cpu, autocast)" in prepack_for_inference(model, cpu, torch.bfloat16, 2, 32)
     assert "not used (cuda)" in prepack_for_inference(model, torch.device("cuda"), None, 2, 32)
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    line = prepack_for_inference(model, cpu, None, 2, 32)
+    assert "not used at batch 2" in prepack_for_inference(model, cpu, None, 2, 32)  # it pays at batch 1 only
+    line = prepack_for_inference(model, cpu, None, 1, 32)
     if prepack_available():
         n = sum(isinstance(m, PackedLinear) for m in model.modules())
         assert line.startswith(f"CPU weight prepacking: {n} Linear layers reordered") and n > 0

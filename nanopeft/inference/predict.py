@@ -19,6 +19,7 @@ labels to OUT and the estimated priors to `<OUT stem>.priors.json`.
 
 from __future__ import annotations
 
+import copy
 import csv
 import glob
 import hashlib
@@ -69,12 +70,17 @@ def read_run(run) -> tuple:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
-def run_classifier(run, device, dtype=None, weights=None, merge: str = "yes"):
+def run_classifier(run, device, dtype=None, weights=None, merge: str = "yes", wise: float = 1.0,
+                   backbones: dict | None = None):
     """Rebuild a run's classifier, load what it trained and (merge="yes"|"requantize") fold the adapters
-    into the base -> (model in eval mode, config.json dict). `weights` replaces the recorded backbone path."""
+    into the base -> (model in eval mode, config.json dict). `weights` replaces the recorded backbone path.
+    wise: WiSE-FT's α (nanopeft/methods/wise.py; 1 = the run as trained). backbones: a cache shared by the
+    members of an ensemble, {(weights, quant, dtype, device): the loaded pretrained backbone}; each member
+    gets a copy, so the checkpoint is read once."""
+    from ..config import SCRATCH_METHODS, TUNED_METHODS
     from ..methods.inject import merge_adapters
+    from ..methods.wise import check_alpha, wise_
     from ..training.build import build_classifier
-    from ..config import SCRATCH_METHODS
     from ..training.run_folder import load_run_weights
 
     cfg, saved = read_run(run)
@@ -82,8 +88,23 @@ def run_classifier(run, device, dtype=None, weights=None, merge: str = "yes"):
         cfg.weights = weights
     if cfg.method not in SCRATCH_METHODS and not Path(cfg.weights).exists():
         raise FileNotFoundError(f"the run's backbone {cfg.weights} does not exist here; pass --weights PATH")
-    model = build_classifier(cfg, saved["num_classes"], device, dtype=dtype or torch.float32, adapters=False)
+    if check_alpha(wise) != 1.0 and cfg.method not in TUNED_METHODS:
+        raise ValueError(f"--wise {wise:g}: {run} is a {cfg.method} run, whose backbone was never fine-tuned; "
+                         f"WiSE interpolates a fine-tuned backbone with the pretrained one")
+    dtype = dtype or torch.float32
+    key = (str(cfg.weights), cfg.quant, dtype, str(device))
+    if backbones is not None and cfg.method not in SCRATCH_METHODS and key in backbones:
+        model = build_classifier(cfg, saved["num_classes"], device, dtype=dtype, adapters=False, meta=True)
+        model.backbone = copy.deepcopy(backbones[key])  # the pretrained backbone, read once per ensemble
+        model.head.to_empty(device=device)
+    else:
+        model = build_classifier(cfg, saved["num_classes"], device, dtype=dtype, adapters=False)
+        if backbones is not None and cfg.method not in SCRATCH_METHODS:
+            backbones[key] = copy.deepcopy(model.backbone)
+    pretrained = ({k: v.detach().clone() for k, v in model.backbone.named_parameters()}
+                  if wise != 1.0 and cfg.method in ("bitfit", "layernorm", "full") else None)
     load_run_weights(model, cfg, Path(run) / "adapter")
+    wise_(getattr(model, "backbone", model), wise, pretrained)
     if merge != "no" and cfg.method in ("lora", "dora", "ssf"):  # the methods linear in the weights
         merge_adapters(model.backbone, requantize=(merge == "requantize"))
     return model.eval(), saved

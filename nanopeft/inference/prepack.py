@@ -81,6 +81,9 @@ def prepack_linears(model: nn.Module, rows: int) -> int:
     return len(layers)
 
 
+PREPACK_MAX_BATCH = 1  # re-measured (20 alternating pairs): ViT-B batch 1 pays (1.04×), batch 16 does not
+
+
 def prepack_for_inference(model: nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int,
                           image_size: int, enabled: bool = True) -> str:
     """eval.py / predict.py: pack the model's Linears where it pays (CPU, fp32, no autocast) and return
@@ -93,6 +96,9 @@ def prepack_for_inference(model: nn.Module, device: torch.device, amp: torch.dty
         return f"CPU weight prepacking: not used ({device.type}{', autocast' if amp is not None else ''})"
     if adapter_layers(model):  # an unmerged adapter reads its lora_A / lora_B weights itself
         return "CPU weight prepacking: not used (adapters unmerged)"
+    if batch_size > PREPACK_MAX_BATCH:
+        return (f"CPU weight prepacking: not used at batch {batch_size} (it pays only at batch "
+                f"{PREPACK_MAX_BATCH}: docs/BENCHMARKS.md)")
     n = prepack_linears(model, rows)
     if n == 0:
         return "CPU weight prepacking: not available in this torch build; plain nn.Linear"

@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DORA_DROPOUT_MODES
-from ..device import host_reads_are_free
 from .dropout import dropout_active
 from .lora import LoRALinear, base_device, base_weight, merged_layer
 from ..nf4_linear import NF4Linear
@@ -126,11 +125,6 @@ class DoRALinear(LoRALinear):
         parts = w0_sq + s * s * ba_sq                               # 0 only where W0_i and B_i are 0
         ratio = torch.where(parts > 0, n_sq / parts, 1.0)           # 1 when s(BA)_i ⟂ W0_i, → 0 as they cancel
         dense = lambda i: torch.linalg.vector_norm(base_weight(self.base_layer, rows=i) + s * (B[i] @ A), dim=1)
-        if host_reads_are_free(n.device):  # exactly the cancelling rows: rare (s·BA as large as W0, against it)
-            bad = (ratio < CANCELLATION).nonzero().squeeze(1)
-            if bad.numel():
-                n[bad] = dense(bad)                                 # (k,) from k dense rows (k, in)
-            return n
         worst = ratio.topk(min(DENSE_ROWS, n.numel()), largest=False).indices  # fixed size: no host sync
         return n.scatter(0, worst, torch.where(ratio[worst] < CANCELLATION, dense(worst), n[worst]))
 
@@ -212,11 +206,11 @@ class DoRALinear(LoRALinear):
 # digits to cancellation in the expanded sum (s·BA pointing against W0): recompute it densely.
 # Above it, the expanded sum's relative error is at most ~8× that of its terms.
 CANCELLATION = 0.25
-# On the CPU the cancelling rows are found exactly (a nonzero()). On an accelerator that would be a host
-# sync in every DoRA layer's forward (the host reads how many rows there are), so there the DENSE_ROWS
-# rows of lowest ratio are recomputed densely on every call instead: a fixed-size top-k, no sync. Every
-# cancelling row is among them unless more than DENSE_ROWS rows of one layer cancel; those left out are
-# then the mildest (highest ratio) of them, and keep the expanded sum's value.
+# Finding exactly the cancelling rows (a nonzero()) would be a host sync in every DoRA layer's forward on an
+# accelerator, so the DENSE_ROWS rows of lowest ratio are recomputed densely on every call instead: a
+# fixed-size top-k, no sync, on every device (an exact CPU-only search did not pay: docs/BENCHMARKS.md).
+# Every cancelling row is among them unless more than DENSE_ROWS rows of one layer cancel; those left out
+# are then the mildest (highest ratio) of them, and keep the expanded sum's value.
 DENSE_ROWS = 32
 
 
