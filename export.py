@@ -28,10 +28,12 @@ def main(argv=None):
     p.add_argument("--calibration", default="none", choices=["none", "ts", "bcts", "vs", "auto"],
                    help="fit a calibration on the run's validation logits and fold it into the head (the export "
                         "then predicts calibrated posteriors; config.json records it)")
+    p.add_argument("--wise", type=float, default=1.0, metavar="A",
+                   help="WiSE-FT: export (1-A)·pretrained + A·fine-tuned backbone (1: as trained; config.json records it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = p.parse_args(argv)
     out = export_run(args.run, args.out, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
-                     weights=args.weights, calibration=args.calibration)
+                     weights=args.weights, calibration=args.calibration, wise=args.wise)
     print(f"wrote {out}/ (config.json, model.safetensors, head.safetensors, README.md)")
     return out
 

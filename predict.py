@@ -51,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--weights", help="--run: backbone path, if not where the run recorded it")
     p.add_argument("--prior-correction", default="none", metavar="none|em|FILE",
                    help="re-weight posteriors to the test priors: none, em (estimated), or a JSON {class: share}")
+    p.add_argument("--wise", type=float, default=1.0, metavar="A",
+                   help="with --run: WiSE-FT, (1-A)·pretrained + A·fine-tuned backbone (1: as trained)")
     p.add_argument("--calibration", choices=[*KINDS, "auto"], default=None,
                    help="--run: calibrate the logits on the run's validation logits (ts, bcts, vs, auto); default "
                         "none, auto with --prior-correction em. An export keeps the calibration it was written with")
@@ -77,7 +79,7 @@ def load(args, device, amp):
     cal, why = None, ""
     if args.calibration != "none":  # fitted first: its faults before the model is built
         cal, why, priors = run_calibration(args.run, args.calibration)
-    model, saved = run_classifier(args.run, device, amp, weights=args.weights, merge="yes")
+    model, saved = run_classifier(args.run, device, amp, weights=args.weights, merge="yes", wise=args.wise)
     if cal is not None:  # the calibrated logits come out of the head itself
         fold_into_head(model.head, cal)
     else:
@@ -116,7 +118,12 @@ def main(argv=None) -> dict:
     source = args.run or args.model
     if args.run:
         read_run(args.run)  # a folder that is no run: its one-line error before anything else
+    if args.model and args.wise != 1.0:
+        raise ValueError("--wise with --model: an export was interpolated when it was written (export.py --wise); "
+                         "predict with --run to choose one")
     identity = run_identity(args.run) if args.run else export_identity(args.model)
+    if args.wise != 1.0:  # another α is another model: OUT's rows must not mix them
+        identity += f"+wise{args.wise:g}"
     args.calibration = calibration_kind(args)
     note = check_resume(args.out, identity, precision, args.calibration) if not args.overwrite else None
     model, names, size, priors, why = load(args, device, amp)  # before --overwrite removes anything

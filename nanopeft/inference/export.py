@@ -168,7 +168,7 @@ def _dino_files(model, tmp: Path, cfg, saved: dict, dtype: torch.dtype, quantize
 
 
 def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None, overwrite: bool = False,
-               weights: str | None = None, calibration: str = "none") -> Path:
+               weights: str | None = None, calibration: str = "none", wise: float = 1.0) -> Path:
     """Write the export folder of a train.py run (see the module docstring); returns its path.
     calibration (ts | bcts | vs | auto): fitted on the run's validation logits and folded into the head's
     last Linear (calibration.fold_into_head), so the export's logits are the calibrated ones; config.json
@@ -188,7 +188,7 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
     if scratch and quantize:
         raise ValueError(f"--quantize nf4 applies to DINOv3 runs; {run} is a {cfg.method} baseline")
     tdtype = parse_dtype(dtype)
-    model, saved = run_classifier(run, torch.device("cpu"), torch.float32, weights=weights, merge="yes")
+    model, saved = run_classifier(run, torch.device("cpu"), torch.float32, weights=weights, merge="yes", wise=wise)
     priors, cal_block = run_train_priors(cfg, saved).tolist(), {"kind": "none"}
     if calibration not in (None, "none"):
         from ..calibration import fold_into_head, refuse_knn
@@ -206,7 +206,7 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
                  "train_priors": priors, "calibration": cal_block, "run": str(run),
                  "base_model": None if scratch else base_model_id(cfg.weights), "quantize": quantize,
                  "dtype": dtype, "adapter_id": file_identity(run_weights_file(run))[0],
-                 "adapter_epoch": file_identity(run_weights_file(run))[1]}
+                 "adapter_epoch": file_identity(run_weights_file(run))[1], "wise": wise}
         if scratch:
             model.to(tdtype)
             save_file(_tensors(model.backbone), str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -7,7 +7,9 @@ DoRA splits each weight into a magnitude and a direction, and lets LoRA move onl
 ‖·‖_c is the norm of each column of the paper's (in, out) weight, i.e. of each output *row* of
 torch's (out, in) layout, so m and the norm n are (out,) vectors. m starts at ‖W0‖_c (Eq. 2); with
 B = 0 that makes W' = W0 at step 0. Following §4.3 the norm n is a constant in backward
-("we suggest treating ‖V + ΔV‖_c in Eq. (5) as a constant"), so no gradient flows through it.
+("we suggest treating ‖V + ΔV‖_c in Eq. (5) as a constant"), so no gradient flows through it: the
+paper's reason is memory — backward then keeps no graph of the (out, in) matrix W0 + s·BA — at a loss of
+accuracy it found negligible. Merging is Eq. 5 itself: W' replaces W0 in a plain layer (`merged`).
 With g = m / sg(n) the layer computes, by dropout mode (docs/DORA.md "Dropout semantics"):
 
     y = g ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b                                  (no dropout, or eval: Eq. 5)
