@@ -74,7 +74,7 @@ def build_nanopeft(folder: Path, method: str, rank: int, alpha: float, dropout: 
                    dropout_sampler: str = "torch", adapters: bool = True) -> nn.Module:
     from nanopeft import Classifier, add_adapters, load_dinov3, make_head
 
-    backbone = load_dinov3(folder, quantize="nf4", dtype=dtype)
+    backbone = load_dinov3(folder, quantize=None if method == "full" else "nf4", dtype=dtype)  # full: dense
     backbone.requires_grad_(False)
     backbone.gradient_checkpointing = checkpointing
     if adapters:

@@ -117,7 +117,8 @@ def child_args(row: dict, side: str, a, budget: float = 0.0) -> list[str]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="vitb16", help="comma list of presets: vitb16, vitl16, tiny, ...")
-    p.add_argument("--method", default="lora", help="comma list: lora (QLoRA), dora (QDoRA)")
+    p.add_argument("--method", default="lora", help="comma list: lora (QLoRA), dora (QDoRA), and with --sides "
+                   "nanopeft the unifying study's bitfit, layernorm, ssf, vpt, adaptformer (--rank), full")
     p.add_argument("--targets", default="all-linear", help="comma list: all-linear, q_proj")
     p.add_argument("--rank", default="16", help="comma list of ranks (α = 2r)")
     p.add_argument("--dtype", default="fp32", help="comma list: fp32, bf16")

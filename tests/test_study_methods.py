@@ -138,3 +138,27 @@ def test_full_fine_tuning_refusals(tiny_ckpt, train_images, tmp_path, capsys):
         train.main([*common, "--memory-budget", "0.001", "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert "one training step needs about" in err and not (tmp_path / "b" / "config.json").exists()
+
+
+def test_dry_run_counts_and_recipe(capsys):
+    train.main(["--dry-run", "--method", "ssf", "--weights", "vitb16"])
+    out = capsys.readouterr().out
+    assert "adapter parameters:   205,824" in out  # docs/METHODS.md's ViT-B/16 count
+    assert '"lr": 0.001' in out and '"weight_decay": 0.0001' in out  # the study's recipe, not LoRA's
+    train.main(["--dry-run", "--method", "ssf", "--weights", "vitb16", "--lr", "0.003"])
+    assert '"lr": 0.003' in capsys.readouterr().out  # a flag given wins
+
+
+def test_resumed_study_method_ends_identical(tiny_ckpt, train_images, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--method", "adaptformer", "--weights", str(tiny_ckpt()[0]), "--data", str(train_images),
+              "--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0", "--epochs", "2",
+              "--rank", "4"]
+    train.main([*common, "--out", str(tmp_path / "whole")])
+    train.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "3"])
+    train.main(["--resume", str(tmp_path / "cut"), "--max-steps", "0"])
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(".up.weight" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
