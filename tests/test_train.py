@@ -191,15 +191,16 @@ def test_readme_shows_the_tested_peft_snippet():
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_equal_single_process(tmp_path, data, weights):
-    common = ["--method", "lora", "--targets", "q_proj", "--weights", str(weights), "--data", str(data),
+@pytest.mark.parametrize("method,port", [("lora", 29517), ("ssf", 29518)])  # an adapter, and the study's SSF
+def test_ddp_two_gloo_processes_equal_single_process(tmp_path, data, weights, method, port):
+    common = ["--method", method, "--targets", "q_proj", "--weights", str(weights), "--data", str(data),
               "--epochs", "1", "--max-steps", "3", "--dropout", "0", "--head-dropout", "0", "--rope-rescale", "none",
               "--quant", "none", *FAST, "--device", "cpu", "--lr", "1e-4"]
     single = tmp_path / "single"
     train.main(["--out", str(single), *common])
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(ROOT / "train.py"), "--out", str(ddp), *common]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
