@@ -250,7 +250,7 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     old = directory / CONFIG_NAME
     if not overwrite and old.exists():
         prev = read_json(old)
-        diff = [k for k in IDENTITY if prev.get(k) != config[k]]
+        diff = [k for k in IDENTITY if prev.get(k) != config.get(k)]
         if diff:
             raise FileExistsError(f"{old} holds a different adapter ({', '.join(diff)} differ); "
                                   f"pass overwrite=True or another directory")

@@ -396,7 +396,7 @@ def save_bubble_chart(rows: list[dict], path, title: str = "Methods") -> Path:
         label = str(r["method"])
         w, h = text_size(d, label, f)
         x = cx + rad + 4 if cx + rad + 4 + w <= box[2] - 4 else cx - rad - 4 - w
-        d.text((x, cy - h / 2 - 3), label, font=f, fill=INK)
+        d.text((x, cy - h / 2 - 3), label, font=f, fill=INK, stroke_width=2, stroke_fill="white")  # legible on a bubble
 
     x0, y = box[2] + 30, box[1]  # legend: colour, method, parameter count
     d.text((x0, y), "trainable parameters", font=font(14), fill=INK)
