@@ -110,7 +110,8 @@ def adapter_config(model: nn.Module, *, head: bool = False, base_model_name_or_p
     common = {"task_type": None, "base_model_name_or_path": base_model_name_or_path, "revision": None,
               "inference_mode": True, "modules_to_save": [HEAD] if head else None}
     if method == "layernorm":
-        return {"peft_type": "LN_TUNING", **common, "target_modules": LN_TARGETS, "exclude_modules": None}
+        final = "layernorm" if hasattr(model, "layernorm") else "norm"  # DINOv2's final norm / DINOv3's
+        return {"peft_type": "LN_TUNING", **common, "target_modules": [*LN_TARGETS[:2], final], "exclude_modules": None}
     if method not in (None, "lora", "dora"):
         return {"peft_type": "NANOPEFT", "nanopeft_method": method, **common, **method_settings(model)}
     layers = adapter_layers(model)

@@ -154,12 +154,13 @@ def _dino_files(model, tmp: Path, cfg, saved: dict, dtype: torch.dtype, quantize
         requantize_blocks(backbone, dtype)
     save_file(_tensors(backbone), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     c = backbone.config
-    d = {k: v for k, v in c.extra.items() if k != "quantization_config"}
+    d = {k: v for k, v in getattr(c, "extra", {}).items() if k != "quantization_config"}
     d.update(c.to_dict(), dtype=str(dtype).removeprefix("torch."), **labels(saved["class_names"]))
-    att, mlp = backbone.layer[0].attention, backbone.layer[0].mlp  # SSF's merge may have added biases
-    d.update(query_bias=att.q_proj.bias is not None, key_bias=att.k_proj.bias is not None,
-             value_bias=att.v_proj.bias is not None, proj_bias=att.o_proj.bias is not None,
-             mlp_bias=mlp.up_proj.bias is not None)
+    if hasattr(backbone, "rope_embeddings"):  # DINOv3: SSF's merge may have added biases
+        att, mlp = backbone.layer[0].attention, backbone.layer[0].mlp
+        d.update(query_bias=att.q_proj.bias is not None, key_bias=att.k_proj.bias is not None,
+                 value_bias=att.v_proj.bias is not None, proj_bias=att.o_proj.bias is not None,
+                 mlp_bias=mlp.up_proj.bias is not None)
     if settings:
         d["nanopeft_added_method"] = {**settings, "file": METHOD_FILE}
     if quantize == "nf4":
@@ -218,6 +219,8 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
             if cfg.method == "knn":
                 block["head"].update(k=model.head.k, temperature=model.head.t)
             conf = _dino_files(model, tmp, cfg, saved, tdtype, quantize)
+            block["backbone_class"] = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}.get(
+                conf.get("model_type"), "DINOv3ViTModel")  # transformers' class of model.safetensors
         conf["nanopeft"] = block
         head = model.head if scratch else model.head.float()  # a scratch head runs in the trunk's dtype
         save_file(_tensors(head), str(tmp / "head.safetensors"), metadata={"format": "pt"})
@@ -259,7 +262,7 @@ def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto"
     .precision."""
     from ..device import inference_precision, precision_name
     from ..head import Classifier, make_head
-    from ..files.load import load_dinov3
+    from ..files.backbone import load_backbone
     from ..probes import KNNProbe, LinearProbe
     from ..backbones.baselines import build_scratch
 
@@ -285,7 +288,7 @@ def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto"
         model.head.load_state_dict(head_sd, strict=True)
         model = model.to(device=device, dtype=parse_dtype(dtype) or torch.float32)
     else:
-        backbone = load_dinov3(directory, dtype=weights_dtype, device=device)
+        backbone = load_backbone(directory, dtype=weights_dtype, device=device)  # DINOv3 or DINOv2
         if conf.get("nanopeft_added_method"):  # VPT's prompts or AdaptFormer's branch, beside the backbone
             add_method_back(backbone, conf["nanopeft_added_method"], directory)
         kind = h.get("kind", "mlp")
@@ -333,7 +336,7 @@ def _usage(block: dict, name: str) -> list[str]:
                      "`nanopeft.load_classifier` reads them; transformers cannot.", ""]
     tf = ["With transformers (the backbone; the head is a small MLP on its pooled feature):", "", "```python",
           "import torch, transformers", "from safetensors.torch import load_file",
-          f'backbone = transformers.DINOv3ViTModel.from_pretrained("{name}").eval()'
+          f'backbone = transformers.{block.get("backbone_class", "DINOv3ViTModel")}.from_pretrained("{name}").eval()'
           + ("   # needs: pip install bitsandbytes accelerate" if block.get("quantize") else ""),
           "head = torch.nn.Sequential(torch.nn.Linear(D, 1024), torch.nn.ReLU(), torch.nn.Dropout(),",
           "                           torch.nn.Linear(1024, 512), torch.nn.ReLU(), torch.nn.Dropout(),",
@@ -370,19 +373,23 @@ def model_card(run: Path, cfg, saved: dict, conf: dict, name: str) -> str:
     pre = block["preprocessing"]
     val = _val_accuracy(run)
     lines = _card_header(conf, block, names)
+    family = "DINOv2" if block.get("backbone_class", "").startswith("Dinov2") else "DINOv3"
     lines += [f"# {name}", "", f"A {len(names)}-class image classifier trained with nanopeft "
               f"(`--method {cfg.method}`" + (f", rank {cfg.rank}, targets {cfg.targets}" if cfg.method in ("lora", "dora")
                                             else "") + ")" + (f" on `{block['base_model']}`." if block.get("base_model")
                                                               else ", trained from scratch."), ""]
     if block["kind"] == "dinov3" and block["head"].get("kind") in ("linear-probe", "knn"):
-        lines += [f"A frozen DINOv3 (`model.safetensors`, the hub's format) and a {block['head']['kind']} on its "
+        lines += [f"A frozen {family} (`model.safetensors`, the hub's format) and a {block['head']['kind']} on its "
                   f"pooled feature (`head.safetensors`" + (": the training images' unit feature vectors and labels, "
                   f"k = {block['head'].get('k')}, T = {block['head'].get('temperature')}" if block['head']['kind'] == "knn"
                                                           else ": one Linear") + ").", ""]
     elif block["kind"] == "dinov3":
-        lines += ["The adapters are merged into the backbone: `model.safetensors` is a plain DINOv3 ViT in the hub's "
+        lines += [f"The adapters are merged into the backbone: `model.safetensors` is a plain {family} ViT in the hub's "
                   "format" + (", its block Linears in NF4 (bitsandbytes' 4-bit serialisation)" if block.get("quantize")
-                              else f", {conf.get('dtype')}") + ". The head is in `head.safetensors` (fp32).", ""]
+                              else f", {conf.get('dtype')}") + ". The head is in `head.safetensors` (fp32)."
+                  + (f" The {conf['nanopeft_added_method']['method']} tensors, which do not merge into the weights, are in "
+                     f"`method.safetensors`: `nanopeft.load_classifier` adds them back; transformers alone loads the "
+                     f"backbone without them." if conf.get("nanopeft_added_method") else ""), ""]
     lines += ["## Classes", "", "| id | label |", "|---|---|", *[f"| {i} | {n} |" for i, n in enumerate(names)], ""]
     lines += ["## Results", ""]
     lines.append(f"- validation accuracy (best epoch): {val:.4f}" if val is not None else "- validation accuracy: not recorded")

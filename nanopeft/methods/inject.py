@@ -147,6 +147,9 @@ def add_adapters(model: nn.Module, *, method: str = "lora", rank: int | None = N
         first = existing[0][0] if existing else model.nanopeft_method
         raise ValueError(f"the model already has adapters ({first!r}); one method at a time is supported "
                          f"(merge_adapters(model) folds LoRA, DoRA and SSF back first)")
+    if method in ("ssf", "vpt", "adaptformer") and not hasattr(model, "rope_embeddings"):
+        raise ValueError(f"method={method!r} is placed on DINOv3's blocks; on {type(model).__name__} it is not "
+                         f"supported yet (lora, dora, bitfit, layernorm and full are)")
     if method not in ADAPTERS:
         adders = {"full": add_full, "bitfit": add_bitfit, "layernorm": add_layernorm, "ssf": add_ssf,
                   "vpt": lambda m: add_vpt(m, prompts, dropout),

@@ -21,8 +21,18 @@ import torch.nn as nn
 from ..files.checkpoint import guess_preset
 from ..config import ROPE_FROM_CONFIG, SCRATCH_METHODS, TUNED_METHODS, TrainConfig, ViTConfig, resolve_config
 from ..head import Classifier, make_head
+from ..backbones.dinov2 import DINOv2Config, DINOv2ViT, resolve_dinov2_config
 from ..backbones.dinov3 import DINOv3ViT
+from ..files.backbone import backbone_family
 from ..probes import LinearProbe
+
+
+def dinov2_config(weights: str) -> DINOv2Config:
+    """A DINOv2's architecture without its weights: its config.json, or the preset it names."""
+    cfg_file = Path(weights) / "config.json"
+    if cfg_file.is_file():
+        return resolve_dinov2_config(json.loads(cfg_file.read_text()))
+    return resolve_dinov2_config(str(weights))
 
 
 def backbone_config(weights: str) -> ViTConfig:
@@ -35,15 +45,21 @@ def backbone_config(weights: str) -> ViTConfig:
 
 
 def build_backbone(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, meta: bool = False):
-    """The frozen DINOv3 of a resolved config: NF4 or full precision, its RoPE augmentation set."""
-    from ..files.load import load_dinov3
+    """The frozen backbone of a resolved config (DINOv3 or DINOv2, as --weights says): NF4 or full precision;
+    DINOv3's RoPE augmentation set."""
+    from ..files.backbone import load_backbone
 
+    dinov2 = backbone_family(cfg.weights) == "dinov2"
     if meta:
         with torch.device("meta"):
-            backbone = DINOv3ViT(backbone_config(cfg.weights))
+            backbone = DINOv2ViT(dinov2_config(cfg.weights)) if dinov2 else DINOv3ViT(backbone_config(cfg.weights))
     else:
         quantize = "nf4" if cfg.quant == "nf4" else None
-        backbone = load_dinov3(cfg.weights, quantize=quantize, dtype=dtype, device=device)
+        backbone = load_backbone(cfg.weights, quantize=quantize, dtype=dtype, device=device)
+    if dinov2:  # learned position embeddings: no RoPE to augment
+        backbone.requires_grad_(False)
+        backbone.gradient_checkpointing = cfg.grad_checkpointing != "none"
+        return backbone
     c = backbone.config
 
     def rope(value, own):  # --rope-* "config": the backbone config.json's own value (the hub's rescale: 2.0)

@@ -22,7 +22,8 @@ from ..data.balance import class_weights, sampling_weights
 from ..data.folders import (MIN_SIDE, ImageDataset, check_images, describe_unreadable, shown, skip_unreadable,
                             training_pool)
 from ..files.checkpoint import CheckpointError, open_checkpoint
-from .build import build_classifier, memory_estimate, plan_checkpointing
+from ..files.backbone import backbone_family
+from .build import build_classifier, dinov2_config, memory_estimate, plan_checkpointing
 from .distributed import MicroBatchSampler, init_distributed
 from .run_folder import check_new_run_folder, clean_stale_files, lock_run_folder, run_folder
 
@@ -82,9 +83,11 @@ def check_model_flags(cfg: TrainConfig) -> None:
     patch = 16 if cfg.method == "vit-small" else None  # resnet18 takes any size
     if cfg.method in DINO_METHODS:
         try:
-            patch = open_checkpoint(cfg.weights)[1].patch_size
+            patch = (dinov2_config(cfg.weights) if backbone_family(cfg.weights) == "dinov2"
+                     else open_checkpoint(cfg.weights)[1]).patch_size
         except (FileNotFoundError, CheckpointError, ValueError) as e:
-            raise ValueError(f"--weights {cfg.weights} is not a DINOv3 checkpoint: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"--weights {cfg.weights} is not a DINOv3 or DINOv2 checkpoint: "
+                             f"{str(e).splitlines()[0]}") from None
     if patch and cfg.image_size % patch:
         raise ValueError(f"--image-size {cfg.image_size} is not a multiple of the patch size {patch} "
              f"(try {max(patch, round(cfg.image_size / patch) * patch)})")
