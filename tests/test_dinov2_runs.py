@@ -76,4 +76,5 @@ def test_dinov3_placed_methods_refused_on_dinov2(dinov2_ckpt, train_images, tmp_
     with pytest.raises(SystemExit):
         train.main(["--method", "ssf", "--weights", str(dinov2_ckpt), "--data", str(train_images),
                     "--out", str(tmp_path / "r"), *FLAGS])
-    assert "not supported yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not supported on DINOv2" in err and not (tmp_path / "r" / "config.json").exists()  # before any work

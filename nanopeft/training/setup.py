@@ -66,7 +66,7 @@ def check_inputs(cfg: TrainConfig, args, system: System) -> None:
     if cfg.method in DINO_METHODS and not Path(cfg.weights).exists():
         raise ValueError(f"no DINOv3 backbone at {cfg.weights}. Download it (gated: accept the licence first): "
              f"huggingface-cli download facebook/dinov3-vit7b16-pretrain-lvd1689m --local-dir {cfg.weights} "
-             f"(see weights/README.md), or pass --weights PATH")
+             f"(see weights/README.md), or pass --weights PATH (a DINOv3 or DINOv2 checkpoint)")
     if not Path(cfg.data).exists():
         raise ValueError(f"no training images at {cfg.data}. Put one sub-folder per class there "
              f"(data/Lying/*.jpg, data/Standing/*.jpg, ...) or a CSV manifest path,label[,source], "
@@ -88,6 +88,9 @@ def check_model_flags(cfg: TrainConfig) -> None:
         except (FileNotFoundError, CheckpointError, ValueError) as e:
             raise ValueError(f"--weights {cfg.weights} is not a DINOv3 or DINOv2 checkpoint: "
                              f"{str(e).splitlines()[0]}") from None
+    if cfg.method in ("ssf", "vpt", "adaptformer") and backbone_family(cfg.weights) == "dinov2":
+        raise ValueError(f"--method {cfg.method} is placed on DINOv3's blocks and not supported on DINOv2 yet "
+                         f"(lora, dora, bitfit, layernorm and full are)")
     if patch and cfg.image_size % patch:
         raise ValueError(f"--image-size {cfg.image_size} is not a multiple of the patch size {patch} "
              f"(try {max(patch, round(cfg.image_size / patch) * patch)})")
