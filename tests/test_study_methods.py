@@ -58,6 +58,15 @@ def test_method_end_to_end(method, tiny_run, train_images, tmp_path):
         assert (out / "method.safetensors").is_file() and conf["nanopeft_added_method"]["method"] == method
     if method == "ssf":  # SSF's shift on k_proj (no bias in DINOv3) became a bias in the export
         assert conf["key_bias"] is True
+    transformers = pytest.importorskip("transformers")
+    with torch.no_grad():  # a real client: transformers reads the exported backbone (VPT/AdaptFormer: without them)
+        theirs = transformers.DINOv3ViTModel.from_pretrained(out).eval()(pixel_values=x).last_hidden_state
+        same = torch.allclose(theirs, exported.backbone(x), atol=1e-5)
+    assert same == (method not in ("vpt", "adaptformer"))
+    if method == "full":  # the kept weights are a hub folder too
+        kept = transformers.DINOv3ViTModel.from_pretrained(run / "adapter" / "backbone").eval()
+        with torch.no_grad():
+            assert torch.allclose(kept(pixel_values=x).last_hidden_state, ours.backbone(x), atol=1e-5)
     rows = {}
     for name, src in (("run", ["--run", str(run)]), ("export", ["--model", str(out)])):
         predict.main([*src, "--data", str(train_images), "--out", str(tmp_path / f"{name}.csv"), "--workers", "0"])

@@ -67,7 +67,7 @@ EPOCH_META = "nanopeft_epoch"         # safetensors metadata: the training epoch
 IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "modules_to_save",
             "nanopeft_method", "prompts", "rank", "adapter_scale")
 LN_TARGETS = ["norm1", "norm2", "norm"]  # PEFT's LNTuningConfig target_modules for DINOv3's LayerNorms
-BACKBONE_NAME = "model.safetensors"      # --method full: the whole backbone in hub keys, beside the adapter file
+BACKBONE_NAME = "backbone/model.safetensors"  # --method full: the whole backbone in hub keys (+ config.json there)
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
                "fan_in_fan_out", "lora_bias", "bias")
 
@@ -261,6 +261,7 @@ def save_adapter(model: nn.Module, directory, *, head: nn.Module | None = None, 
     metadata = {"format": "pt", EXTRA_META: json.dumps(sorted(extra)), ID_META: tensors_id({**tensors, **backbone}),
                 **({EPOCH_META: str(int(epoch))} if epoch is not None else {})}
     if backbone:  # written first: the adapter file (its id covers both) names a complete pair
+        (directory / BACKBONE_NAME).parent.mkdir(exist_ok=True)
         atomic_write(directory / BACKBONE_NAME, lambda p: save_file(backbone, str(p), metadata={"format": "pt"}))
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     atomic_write(old, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))

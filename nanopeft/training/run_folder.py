@@ -229,6 +229,10 @@ def save_run_weights(model: nn.Module, cfg: TrainConfig, directory: Path, class_
     else:
         save_adapter(model.backbone, directory, head=model.head, base_model_name_or_path=base_model_id(cfg.weights),
                      overwrite=True, card=card, epoch=epoch)
+    if cfg.method == "full":  # backbone/: model.safetensors + config.json, a hub folder transformers and load_dinov3 read
+        c = model.backbone.config
+        conf = {**getattr(c, "extra", {}), **c.to_dict()}
+        atomic_write(directory / "backbone" / "config.json", lambda p: p.write_text(json.dumps(conf, indent=2) + "\n"))
 
 
 def peft_snippet(weights, adapter, num_classes: int, dropout: float = 0.5, pool: str = "cls") -> list[str]:
