@@ -39,14 +39,15 @@ import torch
 from tqdm import tqdm
 
 from nanopeft.data.augment import resize_normalize
-from nanopeft.calibration import (KINDS, bootstrap_intervals, calibration_metrics, refuse_knn, reliability_bins,
-                                  with_interval)
+from nanopeft.calibration import (KINDS, bootstrap_intervals, calibration_metrics, read_val_logits, refuse_knn,
+                                  reliability_bins, with_interval)
 from nanopeft.cli import error_boundary
 from nanopeft.files.checkpoint_format import atomic_write
 from nanopeft.config import TrainConfig
-from nanopeft.data.folders import (ImageDataset, check_images, describe_unreadable, load_image, scan_test_set, shown,
-                           skip_unreadable, training_pool)
+from nanopeft.data.folders import (ImageDataset, check_images, describe_unreadable, load_image, scan_dataset,
+                                   scan_test_set, shown, skip_unreadable, training_pool)
 from nanopeft.reports.metrics import compute_metrics, format_report
+from nanopeft.reports.multilabel import multilabel_metrics, tune_thresholds
 from nanopeft.device import autocast, inference_precision, precision_name, resolve_device, threads_beside_workers
 from nanopeft.reports.plots import save_confusion_matrix, save_reliability_diagram
 from nanopeft.inference.prepack import prepack_for_inference
@@ -363,6 +364,56 @@ def print_summary(metrics: dict, speed: dict, batch_size: int, out: Path) -> Non
           f"{shown(out.with_name('confusion_matrix.png'))} and {shown(out.with_name('reliability_diagram.png'))}")
 
 
+def multilabel_eval(args, device, amp, path: str) -> dict:
+    """--task multilabel runs: sigmoid posteriors, each class's label at its own threshold (F1-optimal on the
+    run's stored validation logits, nanopeft/reports/multilabel.py), and mAP, per-class AP, micro / macro F1
+    and exact match in metrics.json; predictions.csv lists each image's labels over their thresholds."""
+    if len(args.runs) > 1 or args.calibration not in (None, "none") or args.prior_correction != "none":
+        raise ValueError("a --task multilabel run is scored alone: --ensemble, --calibration and --prior-correction "
+                         "are single-label (softmax) tools")
+    run = args.runs[0]
+    cfg, saved = read_run(run)
+    names = saved["class_names"]
+    if args.split == "val":
+        items = training_pool(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.split_seed, multilabel=True)[1]
+    elif args.data:
+        items, _ = scan_dataset(args.data, class_names=names, multilabel=True)
+    else:
+        raise ValueError("give --data TEST.csv (path,labels) or --split val")
+    model, _ = load_model(run, device, amp, args.weights, args.merge, args.wise)
+    print(prepack_for_inference(model, device, amp, args.batch_size, cfg.image_size, args.prepack == "auto"))
+    loader = torch.utils.data.DataLoader(ImageDataset(items, image_size=cfg.image_size, num_classes=len(names)),
+                                         batch_size=args.batch_size, num_workers=args.workers)
+    logits, wall = predict(model, loader, device, amp, desc=f"eval {Path(run).name}")
+    probs = torch.sigmoid(logits).numpy()                                   # (N, C): one posterior per class
+    val_logits, val_y, _, _ = read_val_logits(run)
+    thresholds = tune_thresholds(torch.sigmoid(val_logits).numpy(), val_y.numpy())  # (C,), on the validation split
+    y = np.zeros(probs.shape)
+    for i, s in enumerate(items):
+        y[i, list(s.label)] = 1
+    metrics = multilabel_metrics(probs, y, thresholds, names)
+    metrics.update(task="multilabel", runs=args.runs, data=shown(args.data) if args.split == "test" else "val split",
+                   thresholds={n: float(t) for n, t in zip(names, thresholds)}, inference_path=path,
+                   precision=precision_name(amp), eval_wall_s=wall, wise=args.wise)
+    out = out_path(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    pred = probs >= thresholds
+
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "labels", "predicted", *[f"prob_{n}" for n in names]])
+            for i, s in enumerate(items):
+                w.writerow([s.path, ";".join(names[c] for c in s.label), ";".join(n for n, k in zip(names, pred[i]) if k),
+                            *(f"{v:.6f}" for v in probs[i])])
+    atomic_write(out.with_name("predictions.csv"), write)
+    print(f"mAP {metrics['mAP']:.4f}, micro F1 {metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
+          f"exact match {metrics['exact_match']:.4f} ({len(items)} images, per-class thresholds from the validation "
+          f"split)\nwrote {shown(out)} and {shown(out.with_name('predictions.csv'))}")
+    return metrics
+
+
 @error_boundary
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -370,6 +421,8 @@ def main(argv=None) -> dict:
     amp, path = inference_precision(device, args.precision, args.merge)
     print(path)
     cfg0, saved0 = read_run(args.runs[0])
+    if getattr(cfg0, "task", "single") == "multilabel":
+        return multilabel_eval(args, device, amp, path)
     for run in args.runs:
         read_run(run)
     adapters = [adapter_provenance(run) for run in args.runs]

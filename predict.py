@@ -118,6 +118,9 @@ def main(argv=None) -> dict:
     source = args.run or args.model
     if args.run:
         read_run(args.run)  # a folder that is no run: its one-line error before anything else
+    if args.run and read_run(args.run)[0].task == "multilabel":
+        raise ValueError(f"--run {args.run} is a --task multilabel run: predict.py writes single-label rows; score it "
+                         f"with eval.py (its predictions.csv lists each image's labels over their thresholds)")
     if args.model and args.wise != 1.0:
         raise ValueError("--wise with --model: an export was interpolated when it was written (export.py --wise); "
                          "predict with --run to choose one")

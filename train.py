@@ -40,7 +40,7 @@ from nanopeft.training.counts import count_params
 from nanopeft.training.distributed import all_sum
 from nanopeft.training.flags import completed, dry_run, list_presets, parse_args, run_config
 from nanopeft.training.frozen import probe_run, use_feature_cache
-from nanopeft.training.history import keep_best, validation_scores
+from nanopeft.training.history import keep_best, multilabel_scores, validation_scores
 from nanopeft.training.run import (count_skipped_step, finish_run, finite_loss, log_setup, open_run, report_epoch,
                                    save_best, save_resume_point)
 from nanopeft.training.run_folder import unlock_run_folders
@@ -74,6 +74,10 @@ def evaluate(model, loader, device, amp, criterion: nn.CrossEntropyLoss,
             logits = model(x.to(device, non_blocking=True))
         kept.append(logits.float().cpu())
         y = y.to(device)
+        if y.dim() == 2:  # multi-label: the BCE per image; scores come from all the logits (validate)
+            loss_sum += criterion(logits.float(), y, reduction="none").sum().item()
+            weight_sum += len(y)
+            continue
         w = criterion.weight
         loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=criterion.label_smoothing,
                                reduction="none")  # w_y·ℓ per image: summed / Σ w_y = the "mean" reduction
@@ -93,7 +97,10 @@ def validate(wrapped, data: Data, system: System, criterion) -> tuple[dict, torc
     if system.world > 1:
         logits = logits.to(system.device)
         torch.distributed.all_reduce(logits)
-    return validation_scores(all_sum(sums, system.device), C), logits.float().cpu()
+    sums = all_sum(sums, system.device)
+    if data.multilabel:  # mAP, macro F1 and exact match at ½ over the whole split
+        return multilabel_scores(logits.float().cpu(), data.val_targets, sums[0] / max(sums[1], 1)), logits.float().cpu()
+    return validation_scores(sums, C), logits.float().cpu()
 
 
 @cli.error_boundary(cleanup=unlock_run_folders)  # library faults (RunError, CheckpointError, OSError...): one line

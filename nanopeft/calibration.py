@@ -356,7 +356,7 @@ def read_val_logits(run) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
         paths = json.loads(header.metadata.get("paths", "[]"))
     except ValueError:
         raise CheckpointError(f"{f}: metadata `paths` is not JSON") from None
-    if z.ndim != 2 or y.shape != (z.shape[0],) or len(paths) != len(y):
+    if z.ndim != 2 or y.shape not in ((z.shape[0],), tuple(z.shape)) or len(paths) != len(y):  # (N,) or multi-label (N, C)
         raise CheckpointError(f"{f}: logits {tuple(z.shape)}, labels {tuple(y.shape)} and {len(paths)} paths "
                               f"do not fit together")
     return z, y, paths, header.metadata.get("adapter_id", "")

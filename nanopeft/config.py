@@ -159,6 +159,7 @@ class TrainConfig:
     # data
     weights: str = "weights/dinov3-vit7b16"  # any load_dinov3 path
     data: str = "data"                # image-folder tree (one sub-folder per class) or CSV manifest
+    task: str = "single"              # single | multilabel: a CSV manifest path,labels (';'-separated, empty = none), sigmoid outputs
     val_fraction: float = 0.2         # stratified split of the training pool: 2,700 -> 2,160 / 540
     split_seed: int = 42
     image_size: int = 224
@@ -229,6 +230,20 @@ class TrainConfig:
                 if getattr(c, name) != off:
                     raise ValueError(f"--{name.replace('_', '-')} {getattr(c, name)}: --method {c.method} fits on the "
                                      f"cached features of every training image once, unweighted; leave it at {off}")
+        if c.task not in ("single", "multilabel"):
+            raise ValueError(f"--task must be one of ('single', 'multilabel'), got {c.task!r}")
+        if c.task == "multilabel":  # what has no multi-label meaning is refused (docs/RECIPE.md "Multi-label")
+            if c.sampler == "balanced":
+                raise ValueError("--sampler balanced draws classes equally often, which a multi-label image has several "
+                                 "of: use --class-weights balanced (BCE positive weights) with --task multilabel")
+            if c.method in PROBE_METHODS:
+                raise ValueError(f"--method {c.method} fits a single-label probe; --task multilabel trains a head "
+                                 f"(--method frozen --cache-features no for a frozen backbone)")
+            if c.method in FROZEN_METHODS and c.cache_features == "yes":
+                raise ValueError("--task multilabel with the feature cache is not supported yet: pass --cache-features no")
+        elif c.select_metric == "val_map":
+            raise ValueError("--select-metric val_map is the multi-label mean average precision: use it with "
+                             "--task multilabel")
         if c.method == "full" and c.quant != "none":
             raise ValueError("--method full trains every backbone weight, which NF4 cannot hold: use --quant none "
                              "(--method full alone picks it)")
@@ -253,7 +268,7 @@ class TrainConfig:
 
 
 ROPE_FIELDS = ("rope_rescale", "rope_shift", "rope_jitter")
-SELECT_METRICS = ("val_accuracy", "val_macro_f1", "val_loss")  # val_loss: lower is better
+SELECT_METRICS = ("val_accuracy", "val_macro_f1", "val_loss", "val_map")  # val_loss: lower is better; val_map: multilabel
 REPORTING_CHOICES = {"select_metric": SELECT_METRICS, "class_weights": ("none", "balanced"),
                      "sampler": ("uniform", "balanced")}
 
@@ -375,7 +390,7 @@ FLAG_GROUPS = {
     "model": ("method", "targets", "rank", "alpha", "dropout", "use_rslora", "prompts", "adapter_scale", "quant", "pool",
               "head_dropout",
               "knn_k", "knn_temperature", "weights", "num_classes", "preset"),
-    "data": ("data", "val_fraction", "split_seed", "image_size", "multiplier", "augment", "skip_bad", "workers",
+    "data": ("data", "task", "val_fraction", "split_seed", "image_size", "multiplier", "augment", "skip_bad", "workers",
              "sampler", "class_weights"),
     "optimisation": ("epochs", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay",
                      "label_smoothing", "grad_clip", "patience", "min_delta", "select_metric", "max_steps", "seed",
@@ -388,7 +403,7 @@ FLAG_GROUPS = {
 
 def flag_metavar(name: str, kind: str) -> str:
     """What --help shows as a flag's value: its allowed values where there is a list, else its kind."""
-    choices = {"method": METHODS, "quant": ("nf4", "none"), "pool": POOLS, "augment": ("none", "light", "medium", "heavy"),
+    choices = {"method": METHODS, "quant": ("nf4", "none"), "task": ("single", "multilabel"), "pool": POOLS, "augment": ("none", "light", "medium", "heavy"),
                "precision": PRECISIONS, "grad_checkpointing": GRAD_CHECKPOINTING, "dora_dropout": DORA_DROPOUT_MODES,
                "dropout_sampler": DROPOUT_SAMPLERS, **REPORTING_CHOICES, "cache_features": ("yes", "no"),
                "cache_dtype": ("fp32", "fp16"),
@@ -463,4 +478,7 @@ def config_from_args(args, cls=TrainConfig, recorded: dict | None = None) -> Tra
         recipe = {**{k: getattr(cls, k) for k in RECIPE_FIELDS}, **recipe}
     elif recorded:
         recipe = {}
-    return cls(**{**recorded, **recipe, **base, **given})
+    merged = {**recorded, **recipe, **base, **given}
+    if merged.get("task") == "multilabel" and "select_metric" not in {**recorded, **base, **given}:
+        merged["select_metric"] = "val_map"  # multi-label: keep the epoch of the best mean average precision
+    return cls(**merged)

@@ -46,18 +46,22 @@ MIN_SIDE = 16  # one DINOv3 patch: a smaller image is upscaled to it on decode (
 @dataclass(frozen=True)
 class Sample:
     path: str  # image file
-    label: int  # index into class_names
+    label: int | tuple[int, ...]  # index into class_names; multi-label (--task multilabel): the indices, sorted
     source: str = ""  # optional sub-dataset name (CSV column `source`), for per-source metrics
 
 
 # ----------------------------------------------------------------------------- finding images
-def scan_dataset(path, class_names=None):
+def scan_dataset(path, class_names=None, multilabel: bool = False):
     """Image folder or CSV manifest -> (samples, class_names).
 
     Folder: one sub-folder per class, images anywhere below it (hidden files and folders skipped).
     CSV: a header row with `path,label` and optionally `source`; relative paths are resolved against the CSV's folder.
     class_names: pass the training classes when scanning a test set, so indices match and unknown labels fail.
+    multilabel: a CSV with a `labels` column instead, labels separated by ';' (empty: none); a label is then the
+    sorted tuple of its class indices.
     """
+    if multilabel:
+        return _scan_multilabel(Path(path), class_names)
     rows = _rows(Path(path))
     names = sorted({label for _, label, _, _ in rows}) if class_names is None else list(class_names)
     index = {name: i for i, name in enumerate(names)}
@@ -66,6 +70,23 @@ def scan_dataset(path, class_names=None):
         if label not in index:
             raise ValueError(f"{shown(where)}: label {label!r} is not one of the classes {names}")
         samples.append(Sample(file, index[label], source))
+    return samples, names
+
+
+def _scan_multilabel(path: Path, class_names=None):
+    if path.is_dir() or path.suffix.lower() != ".csv":
+        raise ValueError(f"{shown(path)}: --task multilabel reads a CSV manifest path,labels[,source] (labels "
+                         f"separated by ';'), not a folder of classes")
+    rows = _read_csv(path, label_column="labels")
+    split = lambda text: sorted({t.strip() for t in text.split(";") if t.strip()})
+    names = sorted({n for _, text, _, _ in rows for n in split(text)}) if class_names is None else list(class_names)
+    index = {name: i for i, name in enumerate(names)}
+    samples = []
+    for file, text, source, where in rows:
+        unknown = [n for n in split(text) if n not in index]
+        if unknown:
+            raise ValueError(f"{shown(where)}: label {unknown[0]!r} is not one of the classes {names}")
+        samples.append(Sample(file, tuple(sorted(index[n] for n in split(text))), source))
     return samples, names
 
 
@@ -90,11 +111,15 @@ def split_folders(path) -> dict[str, Path | None] | None:
     return {"train": subs["train"], "val": vals[0] if vals else None, "test": subs.get("test")}
 
 
-def training_pool(path, val_fraction=0.2, seed=42):
+def training_pool(path, val_fraction=0.2, seed=42, multilabel: bool = False):
     """--data -> (train samples, val samples, class_names). A folder (or CSV) of classes is split
     stratified (val_fraction, seed); a split layout (split_folders) trains on train/ and validates on val/
     (or a stratified split of train/ when it has no val/), and never reads test/. A single-label data set
     needs at least two classes."""
+    if multilabel:  # one CSV; stratified by label set (each distinct set is a stratum), one class is enough
+        items, names = scan_dataset(path, multilabel=True)
+        train, val = stratified_split(items, val_fraction=val_fraction, seed=seed)
+        return train, val, names
     splits = split_folders(path)
     if splits is None:
         items, names = scan_dataset(path)
@@ -159,11 +184,11 @@ def _scan_folder(root):
     return rows
 
 
-def _read_csv(csv_path):
+def _read_csv(csv_path, label_column: str = "label"):
     """-> [(file, label, source, where)] from a `path,label[,source]` manifest; errors name the file and line."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: tolerate Excel's byte-order mark
-            rows = _csv_rows(csv.DictReader(f), csv_path)
+            rows = _csv_rows(csv.DictReader(f), csv_path, label_column)
     except UnicodeDecodeError as e:
         raise ValueError(f"{shown(csv_path)}: not UTF-8 text (byte {e.start}); save the manifest as UTF-8") from e
     except csv.Error as e:  # e.g. a NUL byte: not a text file
@@ -173,17 +198,19 @@ def _read_csv(csv_path):
     return rows
 
 
-def _csv_rows(reader, csv_path):
+def _csv_rows(reader, csv_path, label_column: str = "label"):
     header = [(name or "").strip() for name in (reader.fieldnames or [])]
-    missing = [c for c in ("path", "label") if c not in header]
+    missing = [c for c in ("path", label_column) if c not in header]
     if missing:
-        raise ValueError(f"{shown(csv_path)}: missing column(s) {missing}; need a header row path,label[,source], "
-                         f"got {header}")
+        hint = ("; a `labels` column is read with --task multilabel" if label_column == "label" and "labels" in header
+                else "")
+        raise ValueError(f"{shown(csv_path)}: missing column(s) {missing}; need a header row path,{label_column}"
+                         f"[,source], got {header}{hint}")
     reader.fieldnames, rows = header, []
     for row in reader:
         where = f"{shown(csv_path)}:{reader.line_num}"
-        file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-        if not file or not label:
+        file, label = (row.get("path") or "").strip(), (row.get(label_column) or "").strip()
+        if not file or not (label or label_column == "labels"):  # multi-label: an empty field means no label
             raise ValueError(f"{where}: empty path or label")
         full = Path(file).expanduser()
         full = full if full.is_absolute() else csv_path.parent / full
@@ -308,13 +335,14 @@ class ImageDataset(torch.utils.data.Dataset):
     only if they are started after the call (the default; persistent_workers=True would freeze the epoch).
     """
 
-    def __init__(self, samples, image_size=224, multiplier=1, strength="none", seed=0):
+    def __init__(self, samples, image_size=224, multiplier=1, strength="none", seed=0, num_classes=None):
         if strength not in STRENGTH_NAMES:
             raise ValueError(f"strength must be one of {STRENGTH_NAMES}, got {strength!r}")
         if multiplier < 1:
             raise ValueError(f"multiplier must be >= 1, got {multiplier}")
         self.samples, self.image_size, self.multiplier = list(samples), image_size, multiplier
         self.strength, self.seed, self.epoch = strength, seed, 0
+        self.num_classes = num_classes  # multi-label samples: their label tuple becomes a (C,) 0/1 vector
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -331,7 +359,11 @@ class ImageDataset(torch.utils.data.Dataset):
         x = load_image(s.path).float() / 255  # (3, H, W) in [0, 1]; augment at the original size, resize last
         if index % self.multiplier:  # variant 0 is always clean (docs/RECIPE.md "The recipe")
             x = augment(x, torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index)), self.strength)
-        return resize_normalize(x, self.image_size), s.label  # (3, S, S)
+        y = s.label
+        if isinstance(y, tuple):  # multi-label: the indices -> a multi-hot target for BCE
+            y = torch.zeros(self.num_classes).index_fill_(0, torch.tensor(y, dtype=torch.long), 1.0) if y else \
+                torch.zeros(self.num_classes)
+        return resize_normalize(x, self.image_size), y  # (3, S, S)
 
 
 # ----------------------------------------------------------------------------- a toy dataset
@@ -365,3 +397,22 @@ def make_demo_dataset(root, num_classes=9, per_class=20, size=(64, 64), seed=0):
 
 def _hue_to_rgb(hue):  # fully saturated colour at `hue` (fraction of a turn), as (r, g, b) in [0, 1]
     return tuple(float(np.clip(abs((hue * 6 + n) % 6 - 3) - 1, 0, 1)) for n in (0, 4, 2))
+
+
+def multilabel_manifest(root) -> Path:
+    """The multi-label variant of a make_demo_dataset folder: root.parent/<root name>_multilabel.csv with
+    path,labels, each image labelled with its shape and its colour ("shape1;hue4"; class k of the demo is
+    shape k mod 3 in hue k), every seventh image with no label at all (an empty field). Written once."""
+    root = Path(root)
+    out = root.parent / f"{root.name}_multilabel.csv"
+    if out.is_file():
+        return out
+    items, names = scan_dataset(root)
+    lines = ["path,labels"]
+    for i, s in enumerate(items):
+        k = int(names[s.label].rsplit("_", 1)[-1])
+        lines.append(f"{os.path.relpath(s.path, out.parent)},{'' if i % 7 == 6 else f'shape{k % 3};hue{k}'}")
+    from ..files.checkpoint_format import atomic_write
+
+    atomic_write(out, lambda p: p.write_text("\n".join(lines) + "\n"))
+    return out

@@ -185,6 +185,9 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
     quantize = None if quantize == "none" else quantize
     run, out = Path(run), Path(out)
     cfg, saved = read_run(run)
+    if cfg.task == "multilabel":
+        raise ValueError(f"{run} is a --task multilabel run: export.py does not carry per-class thresholds yet; "
+                         f"evaluate it with eval.py")
     scratch = cfg.method in SCRATCH_METHODS
     if scratch and quantize:
         raise ValueError(f"--quantize nf4 applies to DINOv3 runs; {run} is a {cfg.method} baseline")

@@ -4,7 +4,9 @@ It writes, once, into a cache folder:
   - a small DINOv3-architecture checkpoint in the hub's format (config.json + model.safetensors, the
     same keys as facebook/dinov3-*), RANDOMLY INITIALISED: it is not pretrained, so its accuracy says
     nothing about DINOv3; it only proves the pipeline runs end to end;
-  - a generated 9-class image-folder data set (and a held-out test folder for eval.py).
+  - a generated 9-class image-folder data set (and a held-out test folder for eval.py), and its multi-label
+    variant (`--demo --task multilabel`): CSV manifests path,labels over the same images, each labelled with
+    its shape and its colour (data/folders.py multilabel_manifest).
 """
 
 from __future__ import annotations
@@ -63,4 +65,8 @@ def prepare_demo(cache: Path | None = None, per_class: int = 24, test_per_class:
         make_demo_dataset(paths["data"], num_classes=9, per_class=per_class, size=(80, 64), seed=0)
     if not paths["test"].is_dir():
         make_demo_dataset(paths["test"], num_classes=9, per_class=test_per_class, size=(80, 64), seed=1)
+    from ..data.folders import multilabel_manifest
+
+    for split in ("data", "test"):  # the multi-label variant: manifests over the same images
+        paths[f"multilabel_{split}"] = multilabel_manifest(paths[split])
     return paths

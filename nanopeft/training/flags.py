@@ -128,9 +128,10 @@ def demo_config(args, cfg: TrainConfig) -> TrainConfig:
     from .demo import DEMO_NOTICE, prepare_demo
 
     paths = prepare_demo()
-    args.demo_test = str(paths["test"])
+    multi = cfg.task == "multilabel"  # the same images, labelled with their shape and colour
+    args.demo_test = str(paths["multilabel_test" if multi else "test"])
     print(DEMO_NOTICE)
-    demo = dict(weights=str(paths["weights"]), data=str(paths["data"]), image_size=64, epochs=3,
+    demo = dict(weights=str(paths["weights"]), data=str(paths["multilabel_data" if multi else "data"]), image_size=64, epochs=3,
                 batch_size=8, grad_accum=1, lr=1e-3, workers=2, rank=8, alpha=16.0)
     explicit = {k for k in vars(args) if getattr(args, k) is not None}
     return dataclasses.replace(cfg, **{k: v for k, v in demo.items() if k not in explicit})

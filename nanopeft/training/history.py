@@ -23,8 +23,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..files.checkpoint_format import atomic_write
+from ..reports.multilabel import multilabel_metrics
 from ..reports.metrics import per_class_prf
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "images_per_s",
@@ -41,6 +43,16 @@ def validation_scores(sums, num_classes: int) -> dict:
     return {"val_accuracy": float(np.trace(cm)) / max(n, 1),
             "val_loss": loss_sum / weight_sum if weight_sum > 0 else math.nan,
             "val_macro_f1": float(f1.mean()) if f1.size else 0.0}
+
+
+def multilabel_scores(logits: torch.Tensor, targets: torch.Tensor, loss: float) -> dict:
+    """--task multilabel: {val_map (scikit-learn's mean AP over classes with a positive), val_macro_f1 and
+    val_accuracy (exact match) at threshold ½, val_loss (the mean BCE)}, from the split's (N, C) logits and
+    0/1 targets. The kept epoch's per-class thresholds are tuned later, on its stored logits (eval.py)."""
+    probs, y = torch.sigmoid(logits).numpy(), targets.numpy()
+    m = multilabel_metrics(probs, y, np.full(y.shape[1], 0.5), [str(c) for c in range(y.shape[1])])
+    return {"val_accuracy": m["exact_match"], "val_loss": loss, "val_macro_f1": m["macro_f1"],
+            "val_map": m["mAP"] if m["mAP"] is not None else math.nan}
 
 
 def improved(score: float, best: float | None, metric: str, min_delta: float) -> bool:

@@ -30,7 +30,8 @@ def report_epoch(log: RunLog, out: Path, system: System, val: dict, epoch: int, 
     """The epoch's row in metrics.jsonl and its line in train.log; metrics.csv and curves.png redrawn."""
     mem = peak_memory_mb(system.device)
     log.record(epoch=epoch, **val, peak_memory_mb=mem, elapsed_s=elapsed, best=best)
-    log.say(f"epoch {epoch}: val accuracy {val['val_accuracy']:.4f}, macro F1 {val['val_macro_f1']:.4f}, "
+    first = f"mAP {val['val_map']:.4f}, exact match" if "val_map" in val else "val accuracy"  # --task multilabel
+    log.say(f"epoch {epoch}: {first} {val['val_accuracy']:.4f}, macro F1 {val['val_macro_f1']:.4f}, "
             f"loss {val['val_loss']:.4f}{f' (best {cfg.select_metric}, saved)' if best else ''}, "
             f"peak memory {mem:,.0f} MB")
     if system.master:
@@ -100,7 +101,8 @@ def save_best(model, cfg: TrainConfig, system: System, out: Path, state: LoopSta
     try:
         save_run_weights(model, cfg, out / "adapter", data.class_names, scores)
         # the kept epoch's validation logits, tied to this adapter: what eval.py --calibration fits on
-        save_val_logits(out, val_logits, [s.label for s in data.val_samples], [s.path for s in data.val_samples],
+        labels = data.val_targets.long() if data.multilabel else [s.label for s in data.val_samples]  # (N, C) 0/1 or (N,)
+        save_val_logits(out, val_logits, labels, [s.path for s in data.val_samples],
                         adapter_identity(out / "adapter")[0])
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         name = "adapter_config.json" if "config" in str(getattr(e, "filename", "")) else "adapter_model.safetensors"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ADAPTER_METHODS, DINO_METHODS, FROZEN_METHODS, PROBE_METHODS, STUDY_METHODS, TrainConfig
 from ..device import (choose_precision, hugepage_cpu_allocator, memory_budget_gb, resolve_device,
@@ -143,12 +144,16 @@ class Data:
     train_counts: list[int]                    # training images per class (before the multiplier)
     val_samples: list = dataclasses.field(default_factory=list)  # the whole validation split, in order
     notes: list[str] = dataclasses.field(default_factory=list)  # for train.log: skipped and upscaled images
+    multilabel: bool = False                   # --task multilabel
+    val_targets: torch.Tensor | None = None    # multi-label: the validation split's (N, C) 0/1 targets, in order
 
 
 def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     """The training and validation loaders of cfg.data (a missing or malformed data set raises, naming it)."""
 
-    train_items, val_items, class_names = training_pool(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    multi = cfg.task == "multilabel"
+    train_items, val_items, class_names = training_pool(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.split_seed,
+                                                        multilabel=multi)
     upscaled = []
     bad = check_images(train_items + val_items, progress=rank == 0, upscaled=upscaled)
     if bad and not cfg.skip_bad:
@@ -157,10 +162,12 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
              f"Fix or remove them, or pass --skip-bad")
     if bad:
         train_items, val_items = skip_unreadable(train_items, bad), skip_unreadable(val_items, bad)
+    C = len(class_names)
     train_ds = ImageDataset(train_items, image_size=cfg.image_size, multiplier=cfg.multiplier,
-                            strength=cfg.augment, seed=cfg.seed)
-    val_ds = ImageDataset(val_items, image_size=cfg.image_size)
-    train_counts = [sum(s.label == c for s in train_items) for c in range(len(class_names))]
+                            strength=cfg.augment, seed=cfg.seed, num_classes=C)
+    val_ds = ImageDataset(val_items, image_size=cfg.image_size, num_classes=C)
+    # training images per class (multi-label: the images where the class is present)
+    train_counts = [sum((c in s.label) if multi else (s.label == c) for s in train_items) for c in range(C)]
     sampler = MicroBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, world,
                                 weights=sampler_weights(cfg, train_ds))
     kw = dict(num_workers=min(cfg.workers, os.cpu_count() or 1), pin_memory=torch.cuda.is_available())
@@ -175,8 +182,13 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> Data:
     if upscaled:
         notes.append(f"upscaled {len(upscaled)} image(s) smaller than one {MIN_SIDE}×{MIN_SIDE} patch to {MIN_SIDE} px "
                      f"on the shorter side before augmentation (first: {shown(upscaled[0])})")
+    targets = None
+    if multi:
+        targets = torch.zeros(len(val_items), C)
+        for i, s in enumerate(val_items):
+            targets[i, list(s.label)] = 1.0
     return Data(train_ds, train_loader, sampler, val_loader, class_names, len(train_items), len(val_items),
-                train_counts, val_items, notes)
+                train_counts, val_items, notes, multilabel=multi, val_targets=targets)
 
 
 def sampler_weights(cfg: TrainConfig, train_ds) -> list[float] | None:
@@ -190,8 +202,29 @@ def make_criterion(cfg: TrainConfig, data: Data, device: torch.device) -> nn.Mod
     """Cross-entropy with the recipe's label smoothing, and with --class-weights balanced the weights
     of nanopeft/data/balance.py (n/(C·n_c), or 1 under --sampler balanced)."""
 
+    if cfg.task == "multilabel":
+        pos = torch.tensor(data.train_counts, dtype=torch.float32)
+        pos_weight = None
+        if cfg.class_weights == "balanced":  # BCE's positive weight n_neg / n_pos; 1 for a class with no positive
+            pos_weight = torch.where(pos > 0, (data.n_train - pos) / pos.clamp_min(1), torch.ones_like(pos)).to(device)
+        return MultiLabelLoss(pos_weight, cfg.label_smoothing)
     weight = class_weights(data.train_counts, cfg.sampler).to(device) if cfg.class_weights == "balanced" else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+class MultiLabelLoss(nn.Module):
+    """--task multilabel: BCE on each class's logit, Σ_c over classes / C (BCEWithLogitsLoss's mean), the
+    targets smoothed towards ½ by --label-smoothing ε (y' = y·(1 − ε) + ε/2: the two-class form of label
+    smoothing, Szegedy et al. 2016 §7), positive weights from --class-weights balanced."""
+
+    def __init__(self, pos_weight: torch.Tensor | None, smoothing: float):
+        super().__init__()
+        self.pos_weight, self.smoothing = pos_weight, smoothing
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        y = y.float() * (1 - self.smoothing) + self.smoothing / 2            # (N, C)
+        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight, reduction="none")
+        return loss.mean() if reduction == "mean" else loss.mean(1)          # per image: (N,)
 
 
 # ------------------------------------------------------------------------------------------------ model
