@@ -28,8 +28,8 @@ from nanopeft.training.distributed import init_distributed
 from nanopeft.device import inference_precision, precision_name, resolve_device, threads_beside_workers
 from nanopeft.inference.prepack import prepack_for_inference
 from nanopeft.inference.predict import (check_resume, count_errors, export_identity, list_inputs, predict_to_csv, read_run,
-                              remove_outputs, run_calibration, run_classifier, run_identity, run_train_priors,
-                              write_log)
+                              remove_outputs, run_calibration, run_classifier, run_identity, run_thresholds,
+                              run_train_priors, write_log)
 from nanopeft.prior import check_method
 
 
@@ -96,6 +96,11 @@ def calibration_kind(args) -> str:
                              f"it was written with (export.py --calibration); predict with --run to choose one")
         return "none"
     method = read_run(args.run)[0].method
+    if read_run(args.run)[0].task == "multilabel":
+        if args.calibration not in (None, "none") or args.prior_correction != "none":
+            raise ValueError("--calibration and --prior-correction are single-label (softmax) tools; this is a "
+                             "--task multilabel run")
+        return "none"
     if args.calibration is not None:
         return refuse_knn([method], args.calibration)
     return refuse_knn([method], None) if method == "knn" else ("auto" if args.prior_correction == "em" else "none")
@@ -118,9 +123,6 @@ def main(argv=None) -> dict:
     source = args.run or args.model
     if args.run:
         read_run(args.run)  # a folder that is no run: its one-line error before anything else
-    if args.run and read_run(args.run)[0].task == "multilabel":
-        raise ValueError(f"--run {args.run} is a --task multilabel run: predict.py writes single-label rows; score it "
-                         f"with eval.py (its predictions.csv lists each image's labels over their thresholds)")
     if args.model and args.wise != 1.0:
         raise ValueError("--wise with --model: an export was interpolated when it was written (export.py --wise); "
                          "predict with --run to choose one")
@@ -152,9 +154,10 @@ def main(argv=None) -> dict:
         write_log(args.out, f"start identity={identity} precision={precision} calibration={args.calibration} "
                             f"calibration_fitted={fitted} model={source} data={args.data} "
                             f"prior_correction={args.prior_correction}")
+    thresholds = run_thresholds(args.run, names) if args.run else getattr(model, "thresholds", None)  # multi-label
     summary = predict_to_csv(model, inputs, args.out, names, size, top_k=args.top_k, batch_size=args.batch_size,
                              workers=args.workers, device=device, amp=amp, prior=args.prior_correction,
-                             train_priors=priors)
+                             train_priors=priors, thresholds=thresholds)
     summary["precision"] = precision
     if rank == 0:
         summary["errors"] = count_errors(args.out)

@@ -15,8 +15,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluate  # noqa: E402
+import export  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
+from nanopeft import load_classifier  # noqa: E402
 from nanopeft.data.folders import make_demo_dataset, multilabel_manifest, scan_dataset  # noqa: E402
 
 FLAGS = ["--task", "multilabel", "--image-size", "32", "--batch-size", "8", "--grad-accum", "1", "--workers", "0",
@@ -61,8 +63,17 @@ def test_multilabel_run_end_to_end(manifests, tiny_ckpt, tmp_path):
     thresholds = np.array([m["thresholds"][n] for n in names])  # each class's own, from the validation split
     far = np.abs(probs - thresholds) > 1e-6  # (the CSV rounds probabilities to 6 decimals)
     assert np.array_equal(pred[far], (probs >= thresholds).astype(int)[far]) and len(set(thresholds.tolist())) > 1
+    # predict.py (the run, and its export: the thresholds travel) writes each image's labels over the thresholds
+    out = export.main(["--run", str(run), "--out", str(tmp_path / "x")])
+    assert load_classifier(out).thresholds == pytest.approx(thresholds.tolist())
+    got = {}
+    for name, src in (("run", ["--run", str(run)]), ("export", ["--model", str(out)])):
+        predict.main([*src, "--data", str(manifests[1]), "--out", str(tmp_path / f"{name}.csv"), "--workers", "0"])
+        got[name] = {Path(r["path"]).parts[-2:]: r["labels"] for r in csv.DictReader(open(tmp_path / f"{name}.csv"))}
+    assert got["run"] == got["export"] == {Path(r["path"]).parts[-2:]: r["predicted"] for r in rows}  # eval.py's
     with pytest.raises(SystemExit):
-        predict.main(["--run", str(run), "--data", str(manifests[1]), "--out", str(tmp_path / "p.csv")])
+        predict.main(["--run", str(run), "--data", str(manifests[1]), "--out", str(tmp_path / "q.csv"),
+                      "--prior-correction", "em"])
 
 
 @pytest.mark.parametrize("flags,words", [(["--sampler", "balanced"], "--class-weights balanced"),

@@ -175,7 +175,7 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
     last Linear (calibration.fold_into_head), so the export's logits are the calibrated ones; config.json
     records it, and the mean calibrated validation posterior as the training priors label-shift EM uses."""
     from ..config import SCRATCH_METHODS
-    from .predict import read_run, run_classifier, run_train_priors, run_weights_file
+    from .predict import read_run, run_classifier, run_thresholds, run_train_priors, run_weights_file
     from ..files.save import file_identity
 
     if dtype not in EXPORT_DTYPES:
@@ -185,9 +185,6 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
     quantize = None if quantize == "none" else quantize
     run, out = Path(run), Path(out)
     cfg, saved = read_run(run)
-    if cfg.task == "multilabel":
-        raise ValueError(f"{run} is a --task multilabel run: export.py does not carry per-class thresholds yet; "
-                         f"evaluate it with eval.py")
     scratch = cfg.method in SCRATCH_METHODS
     if scratch and quantize:
         raise ValueError(f"--quantize nf4 applies to DINOv3 runs; {run} is a {cfg.method} baseline")
@@ -210,7 +207,12 @@ def export_run(run, out, *, dtype: str = "float32", quantize: str | None = None,
                  "train_priors": priors, "calibration": cal_block, "run": str(run),
                  "base_model": None if scratch else base_model_id(cfg.weights), "quantize": quantize,
                  "dtype": dtype, "adapter_id": file_identity(run_weights_file(run))[0],
-                 "adapter_epoch": file_identity(run_weights_file(run))[1], "wise": wise}
+                 "adapter_epoch": file_identity(run_weights_file(run))[1], "wise": wise, "task": cfg.task}
+        thresholds = run_thresholds(run, saved["class_names"])  # --task multilabel: each class's, from validation
+        if thresholds is not None:
+            if calibration not in (None, "none"):
+                raise ValueError("--calibration is a single-label (softmax) tool; this is a --task multilabel run")
+            block["thresholds"] = [float(t) for t in thresholds]
         if scratch:
             model.to(tdtype)
             save_file(_tensors(model.backbone), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -310,6 +312,8 @@ def load_classifier(directory, device="cpu", dtype=None, precision: str = "auto"
     model.train_priors = block.get("train_priors") or [1 / len(names)] * len(names)
     model.autocast_dtype, model.precision = amp, precision_name(amp)
     model.calibration = block.get("calibration") or {"kind": "none"}  # already in the head's weights
+    model.task = block.get("task", "single")  # multilabel: sigmoid per class, each over its own threshold
+    model.thresholds = block.get("thresholds")
     return model.eval()
 
 

@@ -357,6 +357,18 @@ def _row(inputs: Inputs, i: int, probs, error: str, names, k) -> list[str]:
     return [inputs.paths[i], *cells, *[inputs.extra[i][c] for c in inputs.columns], error]
 
 
+def multilabel_header(inputs: Inputs, names: list[str]) -> list[str]:
+    """--task multilabel: path, labels (those over their thresholds, ';'-joined), each class's probability."""
+    ours = ["path", "labels", *[f"prob_{c}" for c in names], "error"]
+    return [*ours[:-1], *[_renamed(c, ours) for c in inputs.columns], "error"]
+
+
+def _multilabel_row(inputs: Inputs, i: int, probs, error: str, names, thresholds) -> list[str]:
+    labels = ";".join(n for n, p, t in zip(names, probs, thresholds) if p >= t) if not error else ""
+    cells = [f"{p:.6f}" for p in probs] if not error else [""] * len(names)
+    return [inputs.paths[i], labels, *cells, *[inputs.extra[i][c] for c in inputs.columns], error]
+
+
 # ----------------------------------------------------------------------------- the loop
 def _collate(batch):
     xs, idx, errs = zip(*batch)
@@ -365,7 +377,7 @@ def _collate(batch):
 
 @torch.no_grad()
 def posteriors_batches(model, inputs: Inputs, indices: list[int], image_size: int, batch_size: int,
-                       workers: int, device, amp=None, show: bool = True):
+                       workers: int, device, amp=None, show: bool = True, multilabel: bool = False):
     """Yield (indices, (B, C) float64 posteriors, errors) batch by batch, in the order of `indices`.
     Rows of unreadable images hold zeros; the model only sees the readable ones."""
     from ..device import autocast
@@ -380,7 +392,7 @@ def posteriors_batches(model, inputs: Inputs, indices: list[int], image_size: in
             if ok.any():
                 with autocast(torch.device(device), amp):
                     logits = model(x[ok].to(device, non_blocking=True)).float().cpu()  # (b, C)
-                p = logits.softmax(-1).double().numpy()
+                p = (torch.sigmoid(logits) if multilabel else logits.softmax(-1)).double().numpy()
                 probs = np.zeros((len(idx), p.shape[1]))
                 probs[ok.numpy()] = p
             yield idx, probs, errs
@@ -437,12 +449,15 @@ def _em_finish(inputs: Inputs, out: Path, header, wheader, loc, names, k, train_
 
 def predict_to_csv(model, inputs: Inputs, out, class_names: list[str], image_size: int, *, top_k: int = 3,
                    batch_size: int = 32, workers: int = 0, device="cpu", amp=None, prior: str = "none",
-                   train_priors=None) -> dict:
+                   train_priors=None, thresholds=None) -> dict:
     """Classify every input image into the CSV `out` (see the module docstring); resumes what is there.
     Under torch.distributed each rank calls this with the same arguments. Returns a summary dict."""
     out, (rank, world) = Path(out), _dist()
     names, k = list(class_names), max(1, min(top_k, len(class_names)))
-    header = output_header(inputs, k)
+    multi = thresholds is not None  # --task multilabel: sigmoid posteriors, each class over its threshold
+    if multi and prior != "none":
+        raise ValueError("--prior-correction applies to single-label posteriors, not to a --task multilabel model")
+    header = multilabel_header(inputs, names) if multi else output_header(inputs, k)
     em, direct = prior == "em", world == 1 and prior != "em"
     kind = "posteriors" if em else "part"
     wheader = (["index", "path", *[f"prob_{c}" for c in names], "error"] if em else ["index", *header])
@@ -460,7 +475,7 @@ def predict_to_csv(model, inputs: Inputs, out, class_names: list[str], image_siz
     sink, failed = Sink(target, header if direct else wheader), 0
     try:
         for idx, probs, errs in posteriors_batches(model, inputs, mine, image_size, batch_size, workers,
-                                                   device, amp, show=rank == 0):
+                                                   device, amp, show=rank == 0, multilabel=multi):
             ok = np.array([not e for e in errs])
             failed += int((~ok).sum())
             if probs.shape[1] == 0:  # not one readable image in this batch
@@ -470,7 +485,8 @@ def predict_to_csv(model, inputs: Inputs, out, class_names: list[str], image_siz
             if em:
                 rows = [[i, inputs.paths[i], *(f"{v:.8g}" for v in p), e] for i, p, e in zip(idx, probs, errs)]
             else:
-                rows = [_row(inputs, i, p, e, names, k) for i, p, e in zip(idx, probs, errs)]
+                rows = [_multilabel_row(inputs, i, p, e, names, thresholds) if multi else _row(inputs, i, p, e, names, k)
+                        for i, p, e in zip(idx, probs, errs)]
                 rows = rows if direct else [[i, *r] for i, r in zip(idx, rows)]
             sink.write(rows)
             sink.flush()
@@ -491,3 +507,16 @@ def predict_to_csv(model, inputs: Inputs, out, class_names: list[str], image_siz
     _barrier()
     return {"images": len(inputs.paths), "skipped_done": len(inputs.paths) - len(todo), "predicted": len(mine),
             "errors_this_rank": failed, "out": str(out), "prior_correction": info}
+
+
+def run_thresholds(run, names: list[str]):
+    """A --task multilabel run's per-class thresholds: F1-optimal on its kept epoch's validation logits
+    (reports/multilabel.py tune_thresholds); None for a single-label run."""
+    from ..calibration import read_val_logits
+    from ..reports.multilabel import tune_thresholds
+
+    cfg, _ = read_run(run)
+    if cfg.task != "multilabel":
+        return None
+    logits, y, _, _ = read_val_logits(run)
+    return tune_thresholds(torch.sigmoid(logits).numpy(), y.numpy())
