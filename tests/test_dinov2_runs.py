@@ -78,3 +78,44 @@ def test_dinov3_placed_methods_refused_on_dinov2(dinov2_ckpt, train_images, tmp_
                     "--out", str(tmp_path / "r"), *FLAGS])
     err = capsys.readouterr().err
     assert "not supported on DINOv2" in err and not (tmp_path / "r" / "config.json").exists()  # before any work
+
+
+def test_adapter_of_an_older_transformers_loads_and_hub_ids(dinov2_ckpt, train_images, tmp_path):
+    """transformers <= 5.17 named DINOv2's projections attention.attention.query/key/value, attention.output.dense:
+    such an adapter file is mapped on load (same outputs); the SwiGLU's fused weights_in is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from nanopeft.files.checkpoint_format import CheckpointError
+    from nanopeft.files.save import base_model_id, load_adapter
+    from nanopeft.inference.predict import read_run
+    from nanopeft.training.build import build_classifier
+
+    run = tmp_path / "run"
+    train.main(["--method", "lora", "--weights", str(dinov2_ckpt), "--data", str(train_images), "--out", str(run),
+                "--targets", "q_proj,v_proj,o_proj", *FLAGS])
+    old = tmp_path / "old"
+    old.mkdir()
+    ren = lambda k: k.replace("attention.q_proj", "attention.attention.query").replace(
+        "attention.v_proj", "attention.attention.value").replace("attention.o_proj", "attention.output.dense")
+    save_file({ren(k): v for k, v in load_file(run / "adapter" / "adapter_model.safetensors").items()},
+              str(old / "adapter_model.safetensors"))
+    conf = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    conf["target_modules"] = [ren(t) for t in conf["target_modules"]]
+    (old / "adapter_config.json").write_text(json.dumps(conf))
+    cfg, saved = read_run(run)
+    new_model, old_model = (build_classifier(cfg, saved["num_classes"], torch.device("cpu"), adapters=False).eval()
+                            for _ in range(2))
+    load_adapter(new_model.backbone, run / "adapter", head=new_model.head)
+    load_adapter(old_model.backbone, old, head=old_model.head)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(new_model(x), old_model(x))
+    conf["target_modules"] = ["mlp.weights_in"]
+    (old / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match="fused gate"):
+        load_adapter(build_classifier(cfg, saved["num_classes"], torch.device("cpu"), adapters=False).backbone, old)
+    # a released DINOv2's hub id names the adapter's base model; a tiny one keeps its path
+    base = tmp_path / "dinov2-base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12}))
+    assert base_model_id(base) == "facebook/dinov2-base" and base_model_id(dinov2_ckpt) == str(dinov2_ckpt)

@@ -98,9 +98,9 @@ def file_key(name: str, method: str | None) -> str:
     return peft_path(name)
 
 
-def from_file_key(key: str) -> str:
-    """The inverse of file_key, for either PEFT layout."""
-    return from_peft_path(key.replace(".ln_tuning_layers.", "."))
+def from_file_key(key: str, where="adapter_model.safetensors") -> str:
+    """The inverse of file_key, for either PEFT layout (and DINOv2 adapters of older transformers)."""
+    return renamed_dinov2(from_peft_path(key.replace(".ln_tuning_layers.", ".")), where)
 
 
 def adapter_config(model: nn.Module, *, head: bool = False, base_model_name_or_path=None) -> dict:
@@ -150,6 +150,8 @@ def base_model_id(weights) -> str:
     if config.is_file():
         try:
             arch = json.loads(config.read_text())
+            if arch.get("model_type") in ("dinov2", "dinov2_with_registers"):
+                return dinov2_hub_id(arch) or str(weights)
             preset = next((n for n, p in PRESETS.items() if n != "tiny"
                            and all(arch.get(f) == getattr(p, f) for f in ARCH_FIELDS)), None)
         except (OSError, ValueError, AttributeError):
@@ -158,6 +160,35 @@ def base_model_id(weights) -> str:
         return str(weights)
     data = "sat493m" if "sat493m" in name.lower() and preset in ("vitl16", "vit7b16") else "lvd1689m"
     return HUB_ID.format(preset, data)
+
+
+def dinov2_hub_id(arch: dict) -> str | None:
+    """facebook/dinov2-{small,base,large,giant}[-with-registers] when config.json's width and depth are a
+    release's (nanopeft/backbones/dinov2.py PRESETS), else None."""
+    from ..backbones.dinov2 import PRESETS as DINOV2_PRESETS
+
+    registers = arch.get("model_type") == "dinov2_with_registers"
+    for name, p in DINOV2_PRESETS.items():
+        if ("with-registers" in name) == registers and (arch.get("hidden_size"), arch.get("num_hidden_layers")) == \
+                (p.hidden_size, p.num_hidden_layers):
+            return f"facebook/{name}"
+    return None
+
+
+# transformers ≤ 5.17 named DINOv2's Linears differently; an adapter written then is mapped on load
+OLD_DINOV2_NAMES = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
+                    "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj",
+                    "mlp.weights_out": "mlp.down_proj"}
+
+
+def renamed_dinov2(name: str, where) -> str:
+    """An older transformers' DINOv2 module path -> today's; the SwiGLU's fused `weights_in` is refused."""
+    if "mlp.weights_in" in name:
+        raise CheckpointError(f"{where}: {name!r} adapts the giant's fused gate+up projection (transformers ≤ 5.17), "
+                              f"which is two Linears now: retrain the adapter, or adapt attention only")
+    for old, new in OLD_DINOV2_NAMES.items():
+        name = name.replace(old, new)
+    return name
 
 
 def model_card(config: dict, body: str = "", library_name: str = "peft") -> str:
@@ -284,7 +315,7 @@ def _our_targets(model: nn.Module, targets):
         if not names:
             raise ValueError(f"target_modules regex {targets!r} matches no module of the model")
         return names
-    return [from_peft_path(t) for t in targets]
+    return [renamed_dinov2(from_peft_path(t), "target_modules") for t in targets]
 
 
 def _check_config(cfg: dict, cfg_path: Path) -> None:
