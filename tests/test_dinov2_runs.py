@@ -64,6 +64,7 @@ def test_dinov2_lora_file_loads_in_peft(dinov2_ckpt, train_images, tmp_path):
     run = tmp_path / "run"
     train.main(["--method", "lora", "--quant", "none", "--weights", str(dinov2_ckpt), "--data", str(train_images),
                 "--out", str(run), *FLAGS])
+    assert "transformers.Dinov2WithRegistersModel.from_pretrained" in (run / "adapter" / "README.md").read_text()
     ours, _ = run_classifier(run, torch.device("cpu"), merge="no")
     base = transformers.Dinov2WithRegistersModel.from_pretrained(dinov2_ckpt).eval()
     theirs = peft.PeftModel.from_pretrained(base, run / "adapter").eval()

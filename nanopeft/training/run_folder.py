@@ -239,10 +239,20 @@ def peft_snippet(weights, adapter, num_classes: int, dropout: float = 0.5, pool:
     """The lines that load a run's adapter and head with transformers + PEFT alone (README.md shows the
     same; tests/test_save.py runs it): the head module is attached as `classifier` before PEFT loads."""
     width = "2 * base.config.hidden_size" if pool == "cls+mean" else "base.config.hidden_size"
-    feats = {"cls": "h[:, 0]", "mean": "h[:, 1 + base.config.num_register_tokens:].mean(1)",
-             "cls+mean": "torch.cat([h[:, 0], h[:, 1 + base.config.num_register_tokens:].mean(1)], -1)"}[pool]
+    model_type = ""
+    config = Path(str(weights)) / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type", "")
+        except (OSError, ValueError):
+            pass
+    cls, registers = {"dinov2": ("Dinov2Model", "0"), "dinov2_with_registers": (
+        "Dinov2WithRegistersModel", "base.config.num_register_tokens")}.get(
+        model_type, ("DINOv3ViTModel", "base.config.num_register_tokens"))  # the family of --weights
+    feats = {"cls": "h[:, 0]", "mean": f"h[:, 1 + {registers}:].mean(1)",
+             "cls+mean": f"torch.cat([h[:, 0], h[:, 1 + {registers}:].mean(1)], -1)"}[pool]
     return ["```python", "import torch, transformers, peft",
-            f'base = transformers.DINOv3ViTModel.from_pretrained("{weights}")',
+            f'base = transformers.{cls}.from_pretrained("{weights}")',
             f"D, C = {width}, {num_classes}                  # pooling {pool}; C classes",
             "base.classifier = torch.nn.Sequential(          # the head's layout, so PEFT loads it too",
             f"    torch.nn.Linear(D, 1024), torch.nn.ReLU(), torch.nn.Dropout({dropout:g}),",
