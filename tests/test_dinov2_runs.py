@@ -58,11 +58,12 @@ def test_dinov2_run_end_to_end(method, dinov2_ckpt, train_images, tmp_path):
         assert torch.allclose(load_classifier(out)(x), ours(x), atol=1e-4, rtol=1e-4)
 
 
-def test_dinov2_lora_file_loads_in_peft(dinov2_ckpt, train_images, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_dinov2_adapter_file_loads_in_peft(method, dinov2_ckpt, train_images, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     run = tmp_path / "run"
-    train.main(["--method", "lora", "--quant", "none", "--weights", str(dinov2_ckpt), "--data", str(train_images),
+    train.main(["--method", method, "--quant", "none", "--weights", str(dinov2_ckpt), "--data", str(train_images),
                 "--out", str(run), *FLAGS])
     assert "transformers.Dinov2WithRegistersModel.from_pretrained" in (run / "adapter" / "README.md").read_text()
     ours, _ = run_classifier(run, torch.device("cpu"), merge="no")
