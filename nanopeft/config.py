@@ -121,17 +121,19 @@ PRESETS: dict[str, ViTConfig] = {
 }
 
 
-def resolve_config(config) -> ViTConfig:
-    """A `ViTConfig`, a preset name, or a `config.json`-style dict -> `ViTConfig`."""
-    if isinstance(config, ViTConfig):
+def resolve_config(config, cls=None, presets=None, family: str = "DINOv3"):
+    """A config object, a preset name (a copy of it), or a `config.json`-style dict -> the config object.
+    Defaults: DINOv3's `ViTConfig` and PRESETS; DINOv2 passes its own (backbones/dinov2.py)."""
+    cls, presets = cls or ViTConfig, PRESETS if presets is None else presets
+    if isinstance(config, cls):
         return config
     if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown DINOv3 preset {config!r}; choose one of {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[config])
+        if config not in presets:
+            raise ValueError(f"unknown {family} preset {config!r}; choose one of {sorted(presets)}")
+        return dataclasses.replace(presets[config])
     if isinstance(config, dict):
-        return ViTConfig.from_dict(config)
-    raise TypeError(f"config must be a ViTConfig, a preset name or a dict, not {type(config).__name__}")
+        return cls.from_dict(config)
+    raise TypeError(f"config must be a {cls.__name__}, a preset name or a dict, not {type(config).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------

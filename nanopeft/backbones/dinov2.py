@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..config import resolve_config
 from .dinov3 import DINOv3ViT, DropPath, LayerScale
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -155,15 +156,7 @@ PRESETS: dict[str, DINOv2Config] = {
 
 def resolve_dinov2_config(config) -> DINOv2Config:
     """A `DINOv2Config`, a preset name or a config.json-style dict -> `DINOv2Config` (a copy for presets)."""
-    if isinstance(config, DINOv2Config):
-        return config
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown DINOv2 preset {config!r}; choose one of {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[config])
-    if isinstance(config, dict):
-        return DINOv2Config.from_dict(config)
-    raise TypeError(f"config must be a DINOv2Config, a preset name or a dict, not {type(config).__name__}")
+    return resolve_config(config, DINOv2Config, PRESETS, "DINOv2")
 
 
 class PatchEmbeddings(nn.Module):

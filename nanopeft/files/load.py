@@ -43,12 +43,23 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     source, cfg, config_dict = open_checkpoint(path, config)
+    model, device = stream_into(DINOv3ViT, cfg, path, source, config_dict, quantize, dtype, device, progress)
+    # the RoPE table is computed, not loaded; then make sure nothing stayed on meta
+    model.rope_embeddings.register_buffer("inv_freq", model.rope_embeddings.compute_inv_freq().to(device),
+                                          persistent=False)
+    return check_loaded(model, path)
+
+
+def stream_into(model_cls, cfg, path, source, config_dict, quantize, dtype, device, progress):
+    """The steps every backbone loader shares (load_dinov3, load_dinov2): `model_cls(cfg)` built on meta, the
+    Linears that become NF4 swapped in, every key and shape checked from the headers, then the tensors
+    streamed in one at a time (cast, [quantized], moved). Returns (model, device)."""
     dtype, device = parse_dtype(dtype), torch.device(device)
     qcfg, prequant = _prequantized(path, source, config_dict)
     if dtype is None:
         dtype = parse_dtype(qcfg.get("bnb_4bit_compute_dtype") or cfg.dtype)
     with torch.device("meta"):
-        model = DINOv3ViT(cfg)
+        model = model_cls(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # what a full-precision file holds
     linears = block_linears(model)  # the Linears QLoRA quantizes (7 per SwiGLU block)
 
@@ -67,10 +78,11 @@ def load_dinov3(path, *, config=None, quantize=None, dtype=None, device="cpu", p
     # 3. stream: one tensor in memory at a time
     pending_nf4 = _stream_tensors(model, path, source, quantized, nf4_keys, device, dtype, progress)
     _load_prequantized(model, source, pending_nf4, device, dtype)
+    return model, device
 
-    # 4. the RoPE table is computed, not loaded; then make sure nothing stayed on meta
-    model.rope_embeddings.register_buffer("inv_freq", model.rope_embeddings.compute_inv_freq().to(device),
-                                          persistent=False)
+
+def check_loaded(model: nn.Module, path) -> nn.Module:
+    """The loaded model in eval mode, after checking that no tensor stayed on the meta device."""
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{path}: {left[:5]} were never loaded")

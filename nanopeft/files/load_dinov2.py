@@ -42,11 +42,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, PthSource, _open_weights, parse_dtype
+from .checkpoint import CheckpointError, PthSource, _open_weights
 from .checkpoint_format import check_finite, read_json
-from .load import _check_keys, _load_prequantized, _prequantized, _stream_tensors, _swap_in_nf4
+from .load import check_loaded, stream_into
 from ..backbones.dinov2 import DINOv2Config, DINOv2ViT, resolve_dinov2_config
-from ..backbones.dinov3 import block_linears
 
 HUB_RENAMES = {"attention.attention.query.": "attention.q_proj.", "attention.attention.key.": "attention.k_proj.",
                "attention.attention.value.": "attention.v_proj.", "attention.output.dense.": "attention.o_proj.",
@@ -204,30 +203,8 @@ def load_dinov2(path, *, config=None, quantize=None, dtype=None, device="cpu", p
                                 f"facebook/dinov2-base --local-dir {path}`")
     source, meta_shapes = open_dinov2(path)
     cfg, config_dict = _config_of(path, config, meta_shapes)
-    dtype, device = parse_dtype(dtype), torch.device(device)
-    qcfg, prequant = _prequantized(path, source, config_dict)
-    if dtype is None:
-        dtype = parse_dtype(qcfg.get("bnb_4bit_compute_dtype") or cfg.dtype)
-    with torch.device("meta"):
-        model = DINOv2ViT(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    linears = block_linears(model)  # the Linears QLoRA quantizes: 6 per MLP block, 7 per SwiGLU block
-
-    # the same steps as load_dinov3 (files/load.py), on the renamed source
-    quantized = set(prequant) if prequant else (set(linears) if quantize == "nf4" else set())
-    _swap_in_nf4(model, source, linears, quantized, dtype)
-    nf4_keys = {k for k in source.shapes if k.partition(".weight")[0] in quantized and ".weight" in k} \
-        if prequant else set()
-    for name in quantized if prequant else ():
-        del expected[name + ".weight"]
-    _check_keys(path, cfg, source, expected, skip=nf4_keys)  # before a single weight is read
-    pending_nf4 = _stream_tensors(model, path, source, quantized, nf4_keys, device, dtype, progress)
-    _load_prequantized(model, source, pending_nf4, device, dtype)
-
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{path}: {left[:5]} were never loaded")
-    return model.eval()
+    model, _ = stream_into(DINOv2ViT, cfg, path, source, config_dict, quantize, dtype, device, progress)
+    return check_loaded(model, path)  # (the same steps as load_dinov3: files/load.py stream_into)
 
 
 __all__ = ["load_dinov2", "open_dinov2", "hub_to_ours", "meta_to_ours", "config_from_meta_shapes"]
