@@ -67,8 +67,15 @@ class LoRALinear(nn.Module):
         W = base_weight(self.base_layer, torch.float32) + self.delta_weight()  # (out, in), fp32 sum
         return merged_layer(self.base_layer, W, requantize, dtype)
 
+    def lowrank(self, xa: torch.Tensor) -> torch.Tensor:
+        """s·B A dropout(x), (..., out) fp32: as written, or with BitsDropout in training the folded fast path below."""
+        if isinstance(self.lora_dropout, BitsDropout) and self.lora_dropout.training:
+            return self.lowrank_folded(xa)
+        return self.scaling * self.lora_B(self.lora_A(self.lora_dropout(xa)))
+
     def lowrank_folded(self, xa: torch.Tensor) -> torch.Tensor:
-        """s·B A dropout(x) in training with BitsDropout, its two scalars moved onto the rank-r tensor:
+        """Fast path (it pays on a whole step: docs/BENCHMARKS.md): s·B A dropout(x) in training with BitsDropout,
+        its two scalars moved onto the rank-r tensor:
 
             s · B A (x ⊙ m / (1 − p))  =  B ((s / (1 − p)) · A (x ⊙ m))      (A, B linear, no bias)
 
@@ -79,12 +86,6 @@ class LoRALinear(nn.Module):
         d = self.lora_dropout
         h = self.lora_A(MaskedScale.apply(xa, d.mask(xa.shape, xa.device), None))  # (..., r)
         return self.lora_B(h * (self.scaling / (1.0 - d.p)))   # (..., out)
-
-    def lowrank(self, xa: torch.Tensor) -> torch.Tensor:
-        """s·B A dropout(x), (..., out) fp32: folded (above) with BitsDropout in training, else as written."""
-        if isinstance(self.lora_dropout, BitsDropout) and self.lora_dropout.training:
-            return self.lowrank_folded(xa)
-        return self.scaling * self.lora_B(self.lora_A(self.lora_dropout(xa)))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
